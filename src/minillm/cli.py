@@ -1,0 +1,188 @@
+"""The ``minillm`` command. User mistakes print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from minillm.errors import UserError
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=True)], force=True,
+    )
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def progress_bar() -> Any:
+    """A live progress display with elapsed time and an estimate of the time left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), transient=False, disable=not sys.stderr.isatty() and os.environ.get("MINILLM_PROGRESS") != "1",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="minillm")
+def cli(verbose: bool) -> None:
+    """minillm: distil a causal LM into a smaller one with on-policy reverse KL (MiniLLM)."""
+    _setup_logging(verbose)
+
+
+def _load(config: str | None, overrides: tuple[str, ...]) -> Any:
+    from minillm.config import load_config
+
+    return load_config(config, list(overrides))
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def train(config: str, overrides: tuple[str, ...]) -> None:
+    """Train the method named by CONFIG's `method` key. OVERRIDES: dotted.key=value ..."""
+    from minillm.trainer import train as run_train
+
+    cfg = _load(config, overrides)
+    with progress_bar() as bar:
+        out = run_train(cfg, progress=bar if cfg.train.progress else None)
+    click.echo(f"done: student saved in {out / 'final'} (best checkpoint: {out / 'best'})")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--out", "out", default=None, help="Output JSONL (default: output_dir/generated.jsonl).")
+@click.option("--samples", default=1, show_default=True, help="Responses per prompt, one seed each.")
+@click.option("--model", "which", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
+def generate(config: str, overrides: tuple[str, ...], out: str | None, samples: int, which: str) -> None:
+    """Sample responses to data.train's prompts (SeqKD data), resumable."""
+    from minillm.generate_data import run_generate
+
+    cfg = _load(config, overrides)
+    with progress_bar() as bar:
+        path = run_generate(cfg, out=out, samples=samples, which=which, progress=bar)
+    click.echo(f"wrote {path}")
+
+
+@cli.command(name="eval")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def eval_cmd(config: str, overrides: tuple[str, ...]) -> None:
+    """Evaluate eval.models on eval.test sets over eval.seeds; print the comparison table."""
+    from minillm.eval.runner import run_eval
+
+    cfg = _load(config, overrides)
+    with progress_bar() as bar:
+        table = run_eval(cfg, progress=bar)
+    click.echo(table)
+
+
+@cli.command()
+@click.option("--out", default="minillm-demo", show_default=True, help="Folder for the run folders and the report.")
+@click.option("--quick", is_flag=True, help="Smaller models and fewer steps (about 2 minutes on 2 CPU cores).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", default=10, show_default=True)
+def demo(out: str, quick: bool, device: str, seed: int) -> None:
+    """The built-in study, offline: teacher, SFT, KD, SeqKD and MiniLLM students on a generated task."""
+    from minillm.demo import run_demo
+
+    with progress_bar() as bar:
+        table = run_demo(Path(out), quick=quick, device=device, seed=seed, progress=bar)
+    click.echo(table)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, help="Report folder (default: the first run folder's report/).")
+def report(run_dirs: tuple[str, ...], out: str | None) -> None:
+    """Write an HTML + Markdown report (tables, curves, plots) for one or more runs."""
+    from minillm.report import write_report
+
+    path = write_report([Path(d) for d in run_dirs], Path(out) if out else None)
+    click.echo(f"report: {path}")
+
+
+@cli.command()
+@click.option("--out", default="minillm-toy", show_default=True)
+def toy(out: str) -> None:
+    """The paper's Figure 2: fit one Gaussian to a two-mode mixture by forward and reverse KL."""
+    from minillm.toy import run_toy
+
+    path = run_toy(Path(out))
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("dataset", type=click.Choice(["dolly"]))
+@click.option("--source", default="databricks/databricks-dolly-15k", show_default=True, help="Raw JSONL file, saved dataset folder or Hub id.")
+@click.option("--out", required=True, help="Folder for train/valid/test JSONL.")
+@click.option("--tokenizer", default=None, help="Tokenizer used to drop prompts over --max-prompt-len (as the paper).")
+@click.option("--max-prompt-len", default=256, show_default=True)
+@click.option("--seed", default=10, show_default=True)
+def prepare(dataset: str, source: str, out: str, tokenizer: str | None, max_prompt_len: int, seed: int) -> None:
+    """Turn raw Dolly into the paper's splits (500 valid, 500 test)."""
+    from minillm.prepare import prepare_dolly
+
+    paths = prepare_dolly(source, Path(out), tokenizer=tokenizer, max_prompt_len=max_prompt_len, seed=seed)
+    click.echo("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+@cli.command(name="init-student")
+@click.option("--from", "source", required=True, help="Teacher: folder, Hub id or .gguf file.")
+@click.option("--layers", required=True, type=int, help="Decoder layers to keep (evenly spaced).")
+@click.option("--out", required=True, help="Folder for the student (Hugging Face format).")
+def init_student_cmd(source: str, layers: int, out: str) -> None:
+    """Build a smaller student from a teacher by keeping N evenly spaced layers."""
+    from minillm.init_student import init_student
+
+    path = init_student(source, layers, Path(out))
+    click.echo(f"student saved in {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI; a :class:`UserError` prints one line and exits with status 2."""
+    try:
+        cli.main(args=argv, prog_name="minillm", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished checkpoints are kept, rerun the same command to resume", err=True)
+        sys.exit(130)
+
+

@@ -1,0 +1,449 @@
+"""Typed run configuration: the one source of defaults.
+
+A YAML file and ``dotted.key=value`` overrides only *change* values declared here. Unknown keys,
+wrong types and values that break the method's assumptions are refused at load time with the file,
+line and key at fault, and a suggestion.
+
+Defaults are the paper's GPT-2 MiniLLM settings (Gu et al. 2024, Appendix C; reference scripts
+``scripts/gpt2/minillm/train_base_xl.sh``): lr 5e-6 constant after 100 warm-up steps, 64 sequences
+per optimizer step, 256 rollouts per rollout phase, 4 PPO epochs, clip 0.2, teacher mix 0.2,
+prompts up to 256 tokens and sequences up to 512.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from minillm.errors import UserError
+
+METHODS = ("sft", "minillm", "kd", "seqkd")
+TEMPLATES = ("alpaca", "chat", "raw")
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise UserError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM: a Hugging Face Hub id, a local folder, or a ``.gguf`` file."""
+
+    path: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU; on CUDA bfloat16 for the teacher, float32 master weights for the student
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to `path` (a GGUF file carries its tokenizer)
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    """Instruction data (JSONL or a Hugging Face dataset) and an optional pre-training corpus."""
+
+    train: str | None = None
+    valid: str | None = None
+    pretrain: str | None = None
+    template: str = "alpaca"
+    max_prompt_len: int = 256
+    max_len: int = 512
+    split: str = "train"  # split of a Hub/saved dataset used for `train`
+    valid_split: str | None = None  # split of `train`'s dataset used for validation when `valid` is unset
+    valid_size: int = 500  # examples held out of `train` when neither `valid` nor `valid_split` is set
+    columns: dict[str, str] = field(default_factory=dict)  # our field -> dataset column
+    max_examples: int | None = None  # cap on training examples (after filtering)
+    pretrain_text_key: str = "text"
+
+    def __post_init__(self) -> None:
+        _check(self.template in TEMPLATES, "data.template", f"must be one of {TEMPLATES}, got {self.template!r}")
+        _check(self.max_prompt_len > 0, "data.max_prompt_len", "must be positive")
+        _check(
+            self.max_len > self.max_prompt_len,
+            "data.max_len",
+            f"must exceed data.max_prompt_len ({self.max_prompt_len}) to leave room for a response",
+        )
+        allowed = {"prompt", "response", "instruction", "context", "messages", "references"}
+        for k in self.columns:
+            _check(k in allowed, f"data.columns.{k}", f"unknown field; map one of {sorted(allowed)}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by every method."""
+
+    max_steps: int = 5000  # optimizer steps
+    epochs: float | None = None  # if set, max_steps = epochs * (examples / sequences per step)
+    lr: float = 5e-6
+    min_lr: float = 0.0  # floor of the cosine / linear decay
+    warmup: int = 100
+    schedule: str = "constant"
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 8  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: str = "auto"
+    device: str = "auto"
+    pt_coef: float = 1.0  # weight of the pre-training LM loss for non-MiniLLM methods (when data.pretrain is set)
+    eval_every: int = 100
+    eval_batch_size: int = 16
+    eval_max_examples: int | None = 500
+    select_by: str = "loss"  # keep best/ by validation "loss" (lower) or "rouge_l" (higher)
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 1
+    resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+        _check(self.dtype in DTYPES, "train.dtype", f"must be one of {DTYPES}")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.min_lr >= 0 and self.min_lr <= self.lr, "train.min_lr", "must lie in [0, train.lr]")
+        _check(self.max_steps > 0, "train.max_steps", "must be positive")
+        _check(self.warmup >= 0, "train.warmup", "must be >= 0")
+        _check(self.batch_size > 0, "train.batch_size", "must be positive")
+        _check(self.grad_accum > 0, "train.grad_accum", "must be positive")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(self.eval_every > 0 and self.save_every > 0, "train.eval_every", "eval_every and save_every must be positive")
+        _check(self.keep_last >= 1, "train.keep_last", "must keep at least one checkpoint")
+        _check(self.select_by in ("loss", "rouge_l"), "train.select_by", "must be 'loss' or 'rouge_l'")
+        _check(len(self.adam_betas) == 2, "train.adam_betas", "must be two numbers, e.g. [0.9, 0.999]")
+        _check(self.epochs is None or self.epochs > 0, "train.epochs", "must be positive")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for rollouts, SeqKD data and evaluation (paper: temperature 1, no top-k/top-p)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "generation.temperature", "must be positive (use top_k=1 for greedy)")
+        _check(self.top_k >= 0, "generation.top_k", "must be >= 0 (0 disables)")
+        _check(0 < self.top_p <= 1, "generation.top_p", "must lie in (0, 1]")
+        _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be positive")
+        _check(self.no_repeat_ngram_size >= 0, "generation.no_repeat_ngram_size", "must be >= 0")
+
+
+@dataclass
+class MiniLLMConfig:
+    """MiniLLM's policy-gradient distillation; every stabiliser has its own switch."""
+
+    alpha: float = 0.2  # teacher-mix strength: sample from (1-a) q + a p; 0 = pure student
+    single_step: bool = True  # exact per-token reverse KL instead of its sampled estimate
+    length_norm: bool = True  # average the future return over the remaining length
+    gamma: float = 1.0  # discount counted from the response start (reference code: 0.95)
+    clip: float = 0.2  # PPO ratio clip; 0 disables clipping
+    ppo_epochs: int = 4
+    rollouts_per_step: int = 256  # rollouts sampled per rollout phase
+    rollout_batch_size: int = 64  # prompts decoded together
+    pt_coef: float = 1.0  # weight of the pre-training loss (needs data.pretrain)
+    single_step_weight: bool = True  # weight the single-step KL by w_t (paper); the reference code does not
+    include_current_reward: bool = False  # reference code: the return includes r_t itself
+    whiten: bool = False  # reference code: whiten advantages over the rollout batch
+    reward_scale: float = 1.0  # reference code: 0.5
+    reward_clip: float | None = None  # reference code: 100
+    pt_kd_ratio: float = 0.0  # reference code mixes 0.5 LM + 0.5 forward KD on the pre-training batch
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.alpha < 1, "minillm.alpha", "must lie in [0, 1) (the student must keep some mass)")
+        _check(0 < self.gamma <= 1, "minillm.gamma", "must lie in (0, 1]")
+        _check(0 <= self.clip < 1, "minillm.clip", "must lie in [0, 1); 0 disables clipping")
+        _check(self.ppo_epochs >= 1, "minillm.ppo_epochs", "must be >= 1")
+        _check(self.rollouts_per_step >= 1, "minillm.rollouts_per_step", "must be >= 1")
+        _check(self.rollout_batch_size >= 1, "minillm.rollout_batch_size", "must be >= 1")
+        _check(self.pt_coef >= 0, "minillm.pt_coef", "must be >= 0")
+        _check(self.reward_scale > 0, "minillm.reward_scale", "must be positive")
+        _check(self.reward_clip is None or self.reward_clip > 0, "minillm.reward_clip", "must be positive or null")
+        _check(0 <= self.pt_kd_ratio <= 1, "minillm.pt_kd_ratio", "must lie in [0, 1]")
+
+
+@dataclass
+class KDConfig:
+    """Token-level distillation baselines (word-level KD, GKD/DistiLLM divergence family)."""
+
+    loss: str = "forward_kl"  # any name in minillm.losses.DIVERGENCES
+    ratio: float = 0.5  # weight of the divergence; 1 - ratio goes to cross-entropy on the data
+    temperature: float = 1.0
+    beta: float = 0.5  # generalised JSD interpolation
+    skew_alpha: float = 0.1  # skew KL mixing
+    onpolicy_fraction: float = 0.0  # GKD lambda: share of batches whose responses the student samples
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.ratio <= 1, "kd.ratio", "must lie in [0, 1]")
+        _check(self.temperature > 0, "kd.temperature", "must be positive")
+        _check(0 <= self.beta <= 1, "kd.beta", "must lie in [0, 1]")
+        _check(0 <= self.skew_alpha <= 1, "kd.skew_alpha", "must lie in [0, 1]")
+        _check(0 <= self.onpolicy_fraction <= 1, "kd.onpolicy_fraction", "must lie in [0, 1]")
+
+
+@dataclass
+class EvalConfig:
+    """`minillm eval`: models x test sets x sampling seeds."""
+
+    models: dict[str, str] = field(default_factory=dict)  # display name -> model path
+    test: dict[str, str] = field(default_factory=dict)  # test-set name -> file / dataset
+    format: str = "auto"  # auto, dolly, selfinst, vicuna, sni, unni, prompt_response
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    max_examples: int | None = None
+    batch_size: int = 16
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "lm_loss", "length"])
+    exposure_bias: bool = False
+    exposure_samples: int = 4  # samples per prompt for ExAccErr
+    exposure_max_prompts: int = 50
+    calibration: str | None = None  # file of multiple-choice prompts for ECE
+    calibration_bins: int = 10
+    judge: str | None = None  # "openai:<model>@<base_url>" or a local model path; None = off
+    out: str | None = None  # defaults to output_dir/eval
+
+    def __post_init__(self) -> None:
+        _check(len(self.seeds) >= 1, "eval.seeds", "needs at least one seed")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be positive")
+
+
+@dataclass
+class Config:
+    """A whole run. ``method`` picks the module that builds batches and losses."""
+
+    method: str = "sft"
+    output_dir: str = "runs/default"
+    seed: int = 10
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "method", f"unknown method {self.method!r}; choose one of {METHODS}")
+        _check(
+            self.generation.max_new_tokens <= self.data.max_len,
+            "generation.max_new_tokens",
+            f"must be <= data.max_len ({self.data.max_len})",
+        )
+
+    def validate_for_training(self) -> None:
+        """Checks that only apply when a run trains (eval-only configs skip them)."""
+        _check(self.student.path is not None, "student.path", "is required: a Hub id, a local folder or a .gguf file")
+        _check(self.data.train is not None, "data.train", "is required: a JSONL file or a Hugging Face dataset")
+        if self.method in ("minillm", "kd"):
+            _check(self.teacher.path is not None, "teacher.path", f"is required by method {self.method!r}")
+        if self.method == "minillm":
+            m, t = self.minillm, self.train
+            _check(
+                m.rollouts_per_step % t.sequences_per_step == 0,
+                "minillm.rollouts_per_step",
+                f"must be a multiple of train.batch_size * train.grad_accum ({t.sequences_per_step}), "
+                f"the rollouts one optimizer step consumes",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, dotted overrides, type checking.
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Map every dotted key in a YAML document to its (1-based) line."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)):
+            return True, args[0] if len(args) == 1 else Union[tuple(args)]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key}: may not be null")
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "5e-6" as a string
+            except ValueError:
+                pass
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if inner is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        (elem,) = typing.get_args(inner)
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(inner)
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config type {inner} at {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, lines: dict[str, int], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in values.items():
+        dotted = f"{prefix}{k}"
+        loc = f"{source}:{lines[dotted]}: " if dotted in lines else (f"{source}: " if source else "")
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
+            raise UserError(f"{loc}unknown key {dotted!r}{hint}")
+        tp = hints[k]
+        try:
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(v, dict):
+                    raise UserError(f"{dotted}: expected a mapping of {tp.__name__} keys, got {v!r}")
+                kwargs[k] = _build(tp, v, dotted + ".", lines, source)
+            else:
+                kwargs[k] = _coerce(v, tp, dotted)
+        except UserError as e:
+            msg = str(e)
+            raise UserError(msg if msg.startswith(source or "\0") else f"{loc}{msg}") from None
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        key = str(e).split(":", 1)[0]
+        full = key if key.startswith(prefix) or not prefix else f"{prefix}{key}"
+        loc = f"{source}:{lines[full]}: " if full in lines else (f"{source}: " if source else "")
+        msg = str(e) if key.startswith(prefix) or not prefix else f"{prefix}{e}"
+        raise UserError(f"{loc}{msg}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-4`` -> (["train", "lr"], 1e-4). Values are read as YAML scalars / lists."""
+    if "=" not in item:
+        raise UserError(f"override {item!r}: expected dotted.key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"override {item!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "", lines: dict[str, int] | None = None) -> Config:
+    """Build and validate a :class:`Config` from a nested dict."""
+    return _build(Config, data, "", lines or {}, source)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or only defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found")
+        text = p.read_text()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: expected a mapping of config keys at the top level")
+        data = loaded
+        lines = _yaml_lines(text)
+    merge_overrides(data, overrides or [])
+    return config_from_dict(data, source, lines)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_hash(cfg: Config) -> str:
+    """A stable digest of the config, used to decide whether finished work can be reused."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

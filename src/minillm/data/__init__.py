@@ -1,0 +1,65 @@
+"""Data for a run: instruction examples (train / valid), their token ids, and the L_PT corpus."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from minillm.config import Config
+from minillm.data.formats import Example, read_examples
+from minillm.data.instruct import Encoded, EncodeStats, encode_examples
+from minillm.data.pretrain import PretrainStream
+from minillm.errors import UserError
+
+log = logging.getLogger("minillm")
+
+__all__ = ["Example", "Encoded", "RunData", "load_run_data", "read_examples"]
+
+
+@dataclass
+class RunData:
+    train_examples: list[Example]
+    train: list[Encoded]
+    valid_examples: list[Example]
+    valid: list[Encoded]
+    pretrain: PretrainStream | None
+    stats: dict[str, EncodeStats]
+
+
+def load_run_data(cfg: Config, tokenizer: Any) -> RunData:
+    """Read, split and tokenize the run's data with the paper's length rules."""
+    d = cfg.data
+    if d.train is None:
+        raise UserError("data.train: is required")
+    train_ex = read_examples(d.train, d.split, d.columns)
+    if d.valid is not None:
+        valid_ex = read_examples(d.valid, d.valid_split or d.split, d.columns)
+    elif d.valid_split is not None:
+        valid_ex = read_examples(d.train, d.valid_split, d.columns)
+    else:
+        if len(train_ex) < 2:
+            raise UserError(f"data.train: {d.train} has {len(train_ex)} example(s); too few to hold out validation (set data.valid)")
+        n_valid = min(d.valid_size, max(1, len(train_ex) // 10))
+        valid_ex, train_ex = train_ex[-n_valid:], train_ex[:-n_valid]
+    enc = dict(tokenizer=tokenizer, template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len)
+    train, s_train = encode_examples(train_ex, **enc)
+    valid, s_valid = encode_examples(valid_ex, **enc)
+    if not train:
+        raise UserError(
+            f"data.train: no usable example in {d.train}: {s_train.skipped_long_prompt} prompts over "
+            f"data.max_prompt_len={d.max_prompt_len} tokens, {s_train.no_response} without a response"
+        )
+    if d.max_examples is not None:
+        train = train[: d.max_examples]
+    for name, s in (("train", s_train), ("valid", s_valid)):
+        if s.skipped_long_prompt or s.truncated_response:
+            log.info(
+                "%s: kept %d examples; skipped %d with prompts over %d tokens (e.g. %s); cut %d responses to fit %d tokens",
+                name, s.kept, s.skipped_long_prompt, d.max_prompt_len, ", ".join(s.skipped_sources[:2]) or "-",
+                s.truncated_response, d.max_len,
+            )
+    pretrain = None
+    if d.pretrain is not None:
+        pretrain = PretrainStream(d.pretrain, tokenizer, d.max_len, d.pretrain_text_key)
+    return RunData(train_ex, train, valid_ex, valid, pretrain, {"train": s_train, "valid": s_valid})

@@ -1,0 +1,16 @@
+"""User-facing errors: one clear line, no traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, bad data, missing file).
+
+    The CLI prints ``str(error)`` on one line and exits with status 2. The message names the
+    file, line or key at fault, what is wrong and how to fix it.
+    """
+
+
+def where(path: object, line: int | None = None) -> str:
+    """Format a location ``file:line`` for error messages."""
+    return f"{path}:{line}" if line is not None else str(path)

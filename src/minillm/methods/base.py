@@ -1,0 +1,124 @@
+"""What a method is: a small object that builds batches and per-token loss terms for the one loop.
+
+The loop (``minillm.trainer``) calls, in order:
+
+1. ``collect(step)`` -> :class:`Experience`: read data, or roll out and score (on-policy methods).
+   An experience holds one or more *updates*; each update is the list of micro-batches of one
+   optimizer step (PPO epochs x mini-batches for MiniLLM, a single update for SFT).
+2. ``loss_terms(model, micro_batch)`` -> ``{name: Term}``: per-token values ``(B, T)`` and the
+   name of the mask they are averaged over. The trainer reduces every term the same way: summed
+   over masked tokens and divided by that mask's token count over the *whole* update, so gradient
+   accumulation is normalised by the global token count, not per micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minillm.config import Config
+from minillm.data import RunData
+from minillm.losses import token_cross_entropy
+from minillm.models import Models, autocast_dtype, vocab_logits
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Term:
+    """Per-token values ``(B, T)`` averaged over ``batch[mask]``; ``coef`` 0 means logged only."""
+
+    values: torch.Tensor
+    mask: str
+    coef: float = 1.0
+
+
+@dataclass
+class Experience:
+    """The work of one collect phase: ``updates[i]`` is the micro-batch list of one optimizer step."""
+
+    updates: list[list[Batch]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set ``name``/``needs_teacher`` and implement collect and loss_terms."""
+
+    name = "base"
+    needs_teacher = False
+    dropout = True  # train-mode forward (dropout on); on-policy methods turn it off so ratios start at 1
+
+    def __init__(self, cfg: Config, models: Models, data: RunData) -> None:
+        self.cfg, self.models, self.data = cfg, models, data
+        self.autocast = autocast_dtype(cfg.train.dtype, models.device)
+
+    # -- phases -------------------------------------------------------------------------------
+    def collect(self, step: int) -> Experience:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss_terms(self, model: Any, batch: Batch) -> dict[str, Term]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared pieces --------------------------------------------------------------------------
+    def forward_logits(self, model: Any, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence logits ``(B, L, V)`` cut to the shared vocabulary, under autocast on GPU."""
+        dev = self.models.device
+        ctx = torch.autocast(dev.type, dtype=self.autocast) if self.autocast and model is self.models.student else contextlib.nullcontext()
+        kwargs = {"position_ids": pos.to(dev)} if pos is not None else {}
+        with ctx:
+            out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False, **kwargs)
+        return vocab_logits(out.logits, self.models.vocab_size)
+
+    def pt_coef(self) -> float:
+        """Weight of the pre-training LM term (0 without a corpus)."""
+        return self.cfg.train.pt_coef if self.data.pretrain is not None else 0.0
+
+    def add_pretrain(self, batch: Batch) -> Batch:
+        """Attach a batch of pre-training blocks (``pt_*`` keys) when the method uses L_PT."""
+        if self.pt_coef() > 0 and self.data.pretrain is not None:
+            batch.update(self.data.pretrain.next_batch(self.cfg.train.batch_size))
+        return batch
+
+    def pt_terms(self, model: Any, batch: Batch) -> dict[str, Term]:
+        """L_PT: next-token cross-entropy on the general corpus."""
+        if "pt_input_ids" not in batch:
+            return {}
+        ids = batch["pt_input_ids"]
+        logits = self.forward_logits(model, ids, torch.ones_like(ids))
+        ce = token_cross_entropy(logits[:, :-1], batch["pt_targets"].to(logits.device))
+        return {"pt": Term(ce, "pt_mask", self.pt_coef())}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.data.pretrain is not None:
+            state["pretrain"] = self.data.pretrain.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.data.pretrain is not None and "pretrain" in state:
+            self.data.pretrain.load_state_dict(state["pretrain"])
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method available as ``method: NAME`` in configs."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    """Split a list into consecutive pieces of ``size`` (the last may be shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,181 @@
+"""Load teacher and student through transformers' public API; check they share a vocabulary.
+
+A model path is a Hugging Face Hub id, a local folder, or a ``.gguf`` file (loaded with
+``gguf_file=``, which needs the ``gguf`` package). Embedding matrices may be padded to different
+sizes (Qwen2.5: 151936 vs 152064 rows); only the tokenizer's real vocabulary is compared, and
+logits are cut to it (:func:`vocab_logits`) before any loss or sampling.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillm.config import Config, ModelConfig
+from minillm.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device: {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda was asked for but no CUDA device is visible; use train.device=cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device, role: str) -> torch.dtype:
+    """``auto``: float32 on CPU; on CUDA bf16 for a frozen teacher, float32 for a trained student
+    (its forward runs under bf16 autocast, see :func:`autocast_dtype`)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and role == "teacher":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast_dtype(train_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the student's forward, or None to run in the weights' dtype."""
+    if device.type != "cuda":
+        return None
+    if train_dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None if train_dtype == "float32" else _DTYPES[train_dtype]
+
+
+def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise UserError(f"{path}: loading a .gguf file needs the 'gguf' package: pip install 'minillm[gguf]'") from None
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
+
+
+def load_tokenizer(cfg: ModelConfig, key: str) -> Any:
+    """The tokenizer of a model; a pad token is added as EOS when the tokenizer has none."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.path
+    if source is None:
+        raise UserError(f"{key}.path: is required")
+    where, extra = _split_gguf(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}.path: could not load a tokenizer from {source!r} ({_short(e)})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"{key}.path: the tokenizer of {source!r} has no EOS token; responses could never end")
+    return tok
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+
+def load_model(cfg: ModelConfig, key: str, device: torch.device, role: str) -> Any:
+    """An ``AutoModelForCausalLM`` on ``device``; a teacher comes frozen in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.path is None:
+        raise UserError(f"{key}.path: is required")
+    where, extra = _split_gguf(cfg.path)
+    dtype = resolve_dtype(cfg.dtype, device, role)
+    if extra and not Path(where).exists():
+        raise UserError(f"{key}.path: {cfg.path} not found")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra
+        )
+    except (OSError, ValueError) as e:
+        hint = "" if os.path.exists(where) else " (not a local folder; Hub ids need network access)"
+        raise UserError(f"{key}.path: could not load a causal LM from {cfg.path!r}{hint}: {_short(e)}") from None
+    model.to(device)
+    if role == "teacher":
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def check_same_vocabulary(student_tok: Any, teacher_tok: Any) -> int:
+    """Refuse a pair whose tokenizers differ; return the size of the shared real vocabulary."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s = len(set(sv.items()) - set(tv.items()))
+        only_t = len(set(tv.items()) - set(sv.items()))
+        raise UserError(
+            f"teacher.path / student.path: the tokenizers differ ({len(sv)} vs {len(tv)} tokens; {only_s} ids only in the "
+            f"student's, {only_t} only in the teacher's). MiniLLM compares distributions token by token, so both models "
+            "must share one tokenizer; pick a student from the teacher's family"
+        )
+    return len(sv)
+
+
+def vocab_logits(logits_BTV: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Cut padded embedding rows off the logits, keeping the tokenizer's real vocabulary."""
+    return logits_BTV if logits_BTV.shape[-1] == vocab_size else logits_BTV[..., :vocab_size]
+
+
+@dataclass
+class Models:
+    """The models of a run. ``vocab_size`` is the real vocabulary shared by both tokenizers."""
+
+    student: Any
+    teacher: Any | None
+    tokenizer: Any
+    vocab_size: int
+    device: torch.device
+
+
+def load_models(cfg: Config, need_teacher: bool) -> Models:
+    """Load the student (and the teacher when the method needs one) and check the pair."""
+    device = resolve_device(cfg.train.device)
+    tok = load_tokenizer(cfg.student, "student")
+    vocab = len(tok.get_vocab())
+    teacher = None
+    if need_teacher:
+        if cfg.teacher.path is None:
+            raise UserError(f"teacher.path: is required by method {cfg.method!r}")
+        vocab = check_same_vocabulary(tok, load_tokenizer(cfg.teacher, "teacher"))
+        teacher = load_model(cfg.teacher, "teacher", device, "teacher")
+    student = load_model(cfg.student, "student", device, "student")
+    for name, m in (("student", student), ("teacher", teacher)):
+        if m is not None and m.get_output_embeddings().weight.shape[0] < vocab:
+            raise UserError(f"{name}.path: the model's output layer has fewer rows than the tokenizer has tokens")
+    return Models(student, teacher, tok, vocab, device)
+
+
+def save_student(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save in Hugging Face format (safetensors + tokenizer), written to a temp folder then renamed."""
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,243 @@
+"""The one training loop, shared by every method.
+
+Read :func:`train` top to bottom: collect (rollout + score, or read data) -> optimise (loss,
+backward, step) -> log -> evaluate -> checkpoint. A method only says how to build its batches and
+its per-token loss terms (:mod:`minillm.methods.base`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minillm.checkpoint import Checkpointer
+from minillm.config import Config, config_hash, save_config
+from minillm.data import load_run_data
+from minillm.errors import UserError
+from minillm.methods import Experience, Method, get_method
+from minillm.methods.base import Batch
+from minillm.models import load_models, save_student
+from minillm.validate import validate
+
+log = logging.getLogger("minillm")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    exp: Experience | None = None  # unfinished experience (PPO passes still to run)
+    next_update: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(cfg: Config, progress: Any = None) -> Path:
+    """Run ``cfg.method`` to ``train.max_steps``; return the output folder."""
+    cfg.validate_for_training()
+    out = prepare_output_dir(cfg)
+    seed_everything(cfg.seed)
+    method_cls = get_method(cfg.method)
+    models = load_models(cfg, need_teacher=method_cls.needs_teacher)
+    data = load_run_data(cfg, models.tokenizer)
+    method: Method = method_cls(cfg, models, data)
+    model = models.student
+    max_steps = resolve_max_steps(cfg, len(data.train))
+    opt, sched = build_optimizer(cfg, model, max_steps)
+    ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last)
+    state = TrainState()
+    if cfg.train.resume and (latest := ckpt.latest()) is not None:
+        state = restore(ckpt, latest, model, opt, sched, method)
+        log.info("resumed from %s (step %d)", latest, state.step)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step)
+    select_key = "valid_rouge_l" if cfg.train.select_by == "rouge_l" else "valid_loss"
+    task = progress.add_task(f"{cfg.method} ", total=max_steps, completed=state.step) if progress else None
+
+    while state.step < max_steps:
+        t0 = time.perf_counter()
+        if state.exp is None:  # phase: rollout + score (on-policy) or next data batch
+            state.exp, state.next_update = method.collect(state.step), 0
+            exp_metrics = state.exp.metrics
+        else:
+            exp_metrics = {}
+        if not state.exp.updates:
+            raise UserError("every rollout was empty (the student stops at once); check the tokenizer's EOS and the prompts")
+        micro_batches = state.exp.updates[state.next_update]
+        state.next_update += 1
+        model.train(method.dropout)
+        row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip)  # phase: loss, backward, step
+        sched.step()
+        if state.next_update >= len(state.exp.updates):
+            state.exp = None
+        state.step += 1
+        dt = time.perf_counter() - t0
+        row.update(step=state.step, lr=sched.get_last_lr()[0], step_time_s=dt, tokens_per_s=row.pop("tokens") / dt, **exp_metrics)
+        if state.step % cfg.train.eval_every == 0 or state.step == max_steps:  # phase: evaluate
+            row.update(validate(cfg, model, models.tokenizer, models.vocab_size, data.valid, data.valid_examples, method.autocast))
+            score = row.get(select_key)
+            if score is not None and is_better(score, state.best, cfg.train.select_by):
+                state.best, state.best_step = score, state.step
+                save_student(model, models.tokenizer, out / "best")
+        metrics.write(row)  # phase: log
+        if progress is not None:
+            progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
+        if state.step % cfg.train.save_every == 0 or state.step == max_steps:  # phase: checkpoint
+            ckpt.save(state.step, model, models.tokenizer, snapshot(state, opt, sched, method))
+
+    save_student(model, models.tokenizer, out / "final")
+    if not (out / "best").exists():
+        save_student(model, models.tokenizer, out / "best")
+    (out / "summary.json").write_text(json.dumps({"method": cfg.method, "steps": state.step, "best_step": state.best_step,
+                                                  "best": state.best, "select_by": cfg.train.select_by}, indent=2))
+    return out
+
+
+def optimise(method: Method, model: Any, micro_batches: list[Batch], opt: torch.optim.Optimizer, grad_clip: float) -> dict[str, float]:
+    """One optimizer step over ``micro_batches``; each term is normalised by its global token count."""
+    counts = token_counts(micro_batches)
+    sums: dict[str, float] = {}
+    loss_total, tokens = 0.0, 0
+    for mb in micro_batches:
+        terms = method.loss_terms(model, mb)
+        loss = None
+        for name, term in terms.items():
+            mask = mb[term.mask].to(term.values.device)
+            part = (term.values * mask).sum() / counts[term.mask]
+            sums[name] = sums.get(name, 0.0) + float(part.detach())
+            if term.coef:
+                loss = term.coef * part if loss is None else loss + term.coef * part
+        if loss is not None:
+            loss.backward()
+            loss_total += float(loss.detach())
+        tokens += sum(int(v.sum()) for k, v in mb.items() if k.endswith("attention_mask") or k == "prompt_mask" or k == "response_mask")
+    if not math.isfinite(loss_total):
+        raise FloatingPointError(f"the loss became {loss_total}; lower train.lr or check the data")
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")) if params else torch.tensor(0.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": loss_total, **sums, "grad_norm": float(norm), "tokens": tokens}
+
+
+def token_counts(micro_batches: Iterable[Batch]) -> dict[str, float]:
+    """Real tokens per mask over a whole update (the denominators of every term)."""
+    counts: dict[str, float] = {}
+    for mb in micro_batches:
+        for k, v in mb.items():
+            if k.endswith("mask") and v.dtype.is_floating_point:
+                counts[k] = counts.get(k, 0.0) + float(v.sum())
+    return {k: max(v, 1.0) for k, v in counts.items()}
+
+
+def build_optimizer(cfg: Config, model: Any, max_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no decay on biases and norms); warm-up then constant / cosine / linear to ``min_lr``."""
+    t = cfg.train
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas))
+    floor = t.min_lr / t.lr
+
+    def factor(step: int) -> float:
+        if step < t.warmup:
+            return (step + 1) / (t.warmup + 1)
+        if t.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - t.warmup) / max(1, max_steps - t.warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if t.schedule == "cosine" else 1 - frac
+        return floor + (1 - floor) * shape
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def resolve_max_steps(cfg: Config, n_train: int) -> int:
+    """``train.epochs`` (when set) turns into optimizer steps over the training set."""
+    if cfg.train.epochs is None:
+        return cfg.train.max_steps
+    per_step = cfg.minillm.rollouts_per_step / cfg.minillm.ppo_epochs if cfg.method == "minillm" else cfg.train.sequences_per_step
+    return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
+
+
+def is_better(score: float, best: float | None, select_by: str) -> bool:
+    return best is None or (score > best if select_by == "rouge_l" else score < best)
+
+
+def snapshot(state: TrainState, opt: Any, sched: Any, method: Method) -> dict[str, Any]:
+    return {
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "method": method.state_dict(),
+        "best": state.best, "best_step": state.best_step, "exp": state.exp, "next_update": state.next_update,
+    }
+
+
+def restore(ckpt: Checkpointer, path: Path, model: Any, opt: Any, sched: Any, method: Method) -> TrainState:
+    saved = ckpt.load(path, model)
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    method.load_state_dict(saved["method"])
+    return TrainState(step=saved["step"], best=saved["best"], best_step=saved["best_step"], exp=saved["exp"], next_update=saved["next_update"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create ``output_dir``; refuse to resume a run whose config changed (other than run length)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = out / "config.hash"
+    comparable = _comparable_hash(cfg)
+    if cfg.train.resume and fingerprint.exists() and (out / "checkpoints").is_dir():
+        old = fingerprint.read_text().strip()
+        if old != comparable:
+            raise UserError(
+                f"{out}: holds checkpoints of a run with a different config; pick another output_dir, "
+                "or pass train.resume=false to start over there"
+            )
+    if not cfg.train.resume:
+        for sub in ("checkpoints", "best", "final"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    save_config(cfg, out / "config.yaml")
+    fingerprint.write_text(comparable)
+    return out
+
+
+def _comparable_hash(cfg: Config) -> str:
+    """Config digest ignoring keys that may change between a run and its resumption."""
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.train.max_steps = c.train.eval_every = c.train.save_every = c.train.keep_last = 0
+    c.train.progress = c.train.resume = True
+    c.train.epochs = None
+    return config_hash(c)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per step; a resumed run drops rows past its checkpoint."""
+
+    def __init__(self, path: Path, keep_until: int) -> None:
+        self.path = path
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in row.items()}) + "\n")

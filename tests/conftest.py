@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny task, a word-level tokenizer and tiny GPT-2 teacher/student on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU-only tests are skipped by marker when no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Task data (train/valid/test JSONL, pretrain.txt) and tiny teacher/student folders."""
+    from minillm.data.task import corpus_texts, write_task
+    from minillm.tiny import build_word_tokenizer, save_pair, tiny_gpt2
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = write_task(root / "data", seed=1, n_train=120, n_valid=16, n_test=16, n_pretrain=100)
+    tok = build_word_tokenizer(corpus_texts())
+    paths["teacher"] = save_pair(tiny_gpt2(tok, n_layer=2, n_embd=48, seed=0), tok, root / "teacher")
+    paths["student"] = save_pair(tiny_gpt2(tok, n_layer=1, n_embd=32, seed=1), tok, root / "student")
+    paths["root"] = root
+    return paths
+
+
+def tiny_config_dict(task: dict[str, Path], out: Path, method: str = "sft", **sections: dict) -> dict:
+    """A small, fast config over the tiny task; ``sections`` override per section."""
+    cfg: dict = {
+        "method": method,
+        "output_dir": str(out),
+        "seed": 3,
+        "teacher": {"path": str(task["teacher"])},
+        "student": {"path": str(task["student"])},
+        "data": {"train": str(task["train"]), "valid": str(task["valid"]), "max_prompt_len": 64, "max_len": 96},
+        "train": {"max_steps": 4, "lr": 1e-3, "warmup": 0, "batch_size": 4, "grad_accum": 2, "eval_every": 2,
+                  "save_every": 2, "eval_batch_size": 8, "progress": False},
+        "generation": {"max_new_tokens": 24},
+        "minillm": {"rollouts_per_step": 8, "rollout_batch_size": 8, "ppo_epochs": 2},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
