@@ -148,11 +148,17 @@ def toy(out: str) -> None:
 @click.option("--tokenizer", default=None, help="Tokenizer used to drop prompts over --max-prompt-len (as the paper).")
 @click.option("--max-prompt-len", default=256, show_default=True)
 @click.option("--seed", default=10, show_default=True)
-def prepare(dataset: str, source: str, out: str, tokenizer: str | None, max_prompt_len: int, seed: int) -> None:
-    """Turn raw Dolly into the paper's splits (500 valid, 500 test)."""
+@click.option("--valid-size", default=1000, show_default=True, help="Validation records (reference scripts: --dev-num 1000).")
+@click.option("--test-size", default=500, show_default=True, help="Test records (the paper's DollyEval: 500).")
+def prepare(
+    dataset: str, source: str, out: str, tokenizer: str | None, max_prompt_len: int, seed: int, valid_size: int, test_size: int
+) -> None:
+    """Turn raw Dolly into the paper's splits (1000 valid, 500 test, the rest train)."""
     from minillm.prepare import prepare_dolly
 
-    paths = prepare_dolly(source, Path(out), tokenizer=tokenizer, max_prompt_len=max_prompt_len, seed=seed)
+    paths = prepare_dolly(
+        source, Path(out), tokenizer=tokenizer, max_prompt_len=max_prompt_len, seed=seed, valid_size=valid_size, test_size=test_size
+    )
     click.echo("\n".join(f"{k}: {v}" for k, v in paths.items()))
 
 

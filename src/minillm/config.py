@@ -138,8 +138,10 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     no_repeat_ngram_size: int = 0
+    engine: str = "auto"  # auto: static caches + CUDA graphs on GPU, plain loop on CPU; or eager / static
 
     def __post_init__(self) -> None:
+        _check(self.engine in ("auto", "eager", "static"), "generation.engine", "must be auto, eager or static")
         _check(self.temperature > 0, "generation.temperature", "must be positive (use top_k=1 for greedy)")
         _check(self.top_k >= 0, "generation.top_k", "must be >= 0 (0 disables)")
         _check(0 < self.top_p <= 1, "generation.top_p", "must lie in (0, 1]")
@@ -201,26 +203,43 @@ class KDConfig:
 
 @dataclass
 class EvalConfig:
-    """`minillm eval`: models x test sets x sampling seeds."""
+    """`minillm eval`: models x test sets x sampling seeds (see :mod:`minillm.eval.runner`)."""
 
-    models: dict[str, str] = field(default_factory=dict)  # display name -> model path
+    models: dict[str, str] = field(default_factory=dict)  # display name -> model path (folder, Hub id, .gguf)
     test: dict[str, str] = field(default_factory=dict)  # test-set name -> file / dataset
     format: str = "auto"  # auto, dolly, selfinst, vicuna, sni, unni, prompt_response
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
-    max_examples: int | None = None
+    max_examples: int | None = None  # first N examples of each test set
     batch_size: int = 16
-    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "lm_loss", "length"])
-    exposure_bias: bool = False
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words"])
+    exposure_bias: bool = False  # ExAccErr curve of every model against teacher.path
     exposure_samples: int = 4  # samples per prompt for ExAccErr
     exposure_max_prompts: int = 50
-    calibration: str | None = None  # file of multiple-choice prompts for ECE
+    exposure_max_len: int | None = None  # generation length l_max; default generation.max_new_tokens
+    exposure_stop_at_eos: bool = False  # default: fixed-length samples (every sample counts at every l)
+    exposure_test: str | None = None  # test set whose prompts are used; default the first of eval.test
+    calibration: str | None = None  # JSONL of {prompt, choices, answer} for ECE
     calibration_bins: int = 10
     judge: str | None = None  # "openai:<model>@<base_url>" or a local model path; None = off
+    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the judge's API key
     out: str | None = None  # defaults to output_dir/eval
 
     def __post_init__(self) -> None:
+        metrics = ("rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words")
+        formats = ("auto", "dolly", "selfinst", "vicuna", "sni", "unni", "prompt_response")
         _check(len(self.seeds) >= 1, "eval.seeds", "needs at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds", f"has a repeated seed: {self.seeds}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be positive")
+        _check(self.format in formats, "eval.format", f"must be one of {formats}, got {self.format!r}")
+        for m in self.metrics:
+            _check(m in metrics, "eval.metrics", f"unknown metric {m!r}; choose from {metrics}")
+        _check(self.max_examples is None or self.max_examples >= 1, "eval.max_examples", "must be positive or null")
+        _check(self.exposure_samples >= 1, "eval.exposure_samples", "must be >= 1")
+        _check(self.exposure_max_prompts >= 1, "eval.exposure_max_prompts", "must be >= 1")
+        _check(self.exposure_max_len is None or self.exposure_max_len >= 1, "eval.exposure_max_len", "must be positive or null")
+        _check(self.calibration_bins >= 1, "eval.calibration_bins", "must be >= 1")
+        _check(self.exposure_test is None or self.exposure_test in self.test, "eval.exposure_test",
+               f"must name one of the test sets in eval.test {sorted(self.test)}")
 
 
 @dataclass
@@ -351,7 +370,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, lines: dict[str, int]
         loc = f"{source}:{lines[dotted]}: " if dotted in lines else (f"{source}: " if source else "")
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
             raise UserError(f"{loc}unknown key {dotted!r}{hint}")
         tp = hints[k]
         try:

@@ -48,14 +48,20 @@ def get_divergence(name: str) -> Divergence:
         raise KeyError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}") from None
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits are upcast; float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _logp(logits_BTV: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits_BTV.float() / temperature, dim=-1)
+    return F.log_softmax(_upcast(logits_BTV) / temperature, dim=-1)
 
 
 def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) summed over the last axis; 0 * log 0 taken as 0."""
     a = logp_a.exp()
-    return torch.where(a > 0, a * (logp_a - logp_b), torch.zeros_like(a)).sum(-1)
+    # mask the log-ratio, not the product: a * (-inf) would give a NaN gradient where a = 0
+    return (a * torch.where(a > 0, logp_a - logp_b, torch.zeros_like(a))).sum(-1)
 
 
 def _mix(logp_a: torch.Tensor, logp_b: torch.Tensor, weight_a: float) -> torch.Tensor:
@@ -64,7 +70,9 @@ def _mix(logp_a: torch.Tensor, logp_b: torch.Tensor, weight_a: float) -> torch.T
         return logp_b
     if weight_a >= 1:
         return logp_a
-    return torch.logaddexp(logp_a + math.log(weight_a), logp_b + math.log1p(-weight_a))
+    # a finite floor: logaddexp(-inf, -inf) has a NaN gradient (a token both give probability 0)
+    lo = torch.finfo(logp_a.dtype).min
+    return torch.logaddexp((logp_a + math.log(weight_a)).clamp(min=lo), (logp_b + math.log1p(-weight_a)).clamp(min=lo))
 
 
 @register("forward_kl")
@@ -178,7 +186,7 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, chunk: in
     """
     outs = []
     for start in range(0, logits_BTV.shape[1], chunk):
-        lg = logits_BTV[:, start : start + chunk].float() / temperature
+        lg = _upcast(logits_BTV[:, start : start + chunk]) / temperature
         tgt = targets_BT[:, start : start + chunk].clamp(min=0)
         outs.append(lg.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
     if not outs:
@@ -191,15 +199,17 @@ def token_entropy(logits_BTV: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     with torch.no_grad():
         outs = []
         for start in range(0, logits_BTV.shape[1], chunk):
-            logq = F.log_softmax(logits_BTV[:, start : start + chunk].float(), dim=-1)
-            outs.append(-(logq.exp() * logq).sum(-1))
+            logq = F.log_softmax(_upcast(logits_BTV[:, start : start + chunk]), dim=-1)
+            q = logq.exp()
+            outs.append(-(q * torch.where(q > 0, logq, torch.zeros_like(logq))).sum(-1))  # 0 log 0 = 0
         return torch.cat(outs, dim=1) if outs else logits_BTV.new_zeros(logits_BTV.shape[:2])
 
 
 def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over positions where ``mask`` is set; 0 (not NaN) when none is."""
     mask = mask_BT.to(values_BT.dtype)
-    return (values_BT * mask).sum() / mask.sum().clamp(min=1)
+    # where, not only a product: inf/NaN at a padded position must not leak (inf * 0 = NaN)
+    return (torch.where(mask != 0, values_BT, torch.zeros_like(values_BT)) * mask).sum() / mask.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------

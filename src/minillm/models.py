@@ -66,6 +66,16 @@ def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
     return path, {}
 
 
+def _gguf_dequantize() -> dict[str, Any]:
+    """Ask for a GGUF file's weights unpacked to plain float tensors. transformers >= 5 may otherwise
+    keep them packed behind a quantizer, and such a model can be neither trained nor saved."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.x always dequantises GGUF weights
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_tokenizer(cfg: ModelConfig, key: str) -> Any:
     """The tokenizer of a model; a pad token is added as EOS when the tokenizer has none."""
     from transformers import AutoTokenizer
@@ -96,6 +106,8 @@ def load_model(cfg: ModelConfig, key: str, device: torch.device, role: str) -> A
     if cfg.path is None:
         raise UserError(f"{key}.path: is required")
     where, extra = _split_gguf(cfg.path)
+    if extra:
+        extra.update(_gguf_dequantize())
     dtype = resolve_dtype(cfg.dtype, device, role)
     if extra and not Path(where).exists():
         raise UserError(f"{key}.path: {cfg.path} not found")

@@ -57,7 +57,7 @@ def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def hashed_uniform(seeds_B: torch.Tensor, step: int, V: int) -> torch.Tensor:
+def hashed_uniform(seeds_B: torch.Tensor, step: int | torch.Tensor, V: int) -> torch.Tensor:
     """Uniform(0, 1) noise ``(B, V)`` from splitmix64 over (seed, step, token id), in float64."""
     idx = torch.arange(V, device=seeds_B.device, dtype=torch.int64)
     z = seeds_B.to(torch.int64)[:, None] * _GOLDEN + (step * V + idx)[None, :] + _GOLDEN
@@ -157,13 +157,26 @@ def sample(
     top_p: float = 1.0,
     no_repeat_ngram_size: int = 0,
     autocast: torch.dtype | None = None,
+    engine: str = "eager",
 ) -> Rollout:
     """Sample one response per prompt from (1 - alpha) q + alpha p (q = ``model``, p = ``teacher``).
 
     ``teacher`` without ``alpha`` still scores every sampled token (``Rollout.logp``). Returns
     right-padded responses; a row stops at the first token in ``stop_ids`` (kept, masked in).
+    ``engine``: "eager" (this loop, dynamic caches), "static" (static caches, one CUDA graph per
+    step on GPU: :mod:`minillm.engine`) or "auto" (static on CUDA, eager elsewhere).
     """
     device = next(model.parameters()).device
+    if engine == "auto":
+        engine = "static" if device.type == "cuda" else "eager"
+    if engine == "static" and not no_repeat_ngram_size:
+        from minillm.engine import engine_sample
+
+        return engine_sample(
+            model, prompts, seeds, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+            vocab_size=vocab_size, teacher=teacher, alpha=alpha, temperature=temperature, top_k=top_k,
+            top_p=top_p, autocast=autocast,
+        )
     ids_BP, attn_BP = collate_prompts(prompts, pad_id)
     ids_BP, attn_BP = ids_BP.to(device), attn_BP.to(device)
     B = ids_BP.shape[0]
@@ -190,7 +203,8 @@ def sample(
             logmix_V = logq_V
         logpi_V = filter_logprobs(logmix_V, temperature, top_k, top_p)
         if no_repeat_ngram_size:
-            logpi_V = _ban_repeated_ngrams(logpi_V, history, no_repeat_ngram_size)
+            # renormalise, so logmix stays the log-probability the token was actually drawn with
+            logpi_V = F.log_softmax(_ban_repeated_ngrams(logpi_V, history, no_repeat_ngram_size), dim=-1)
         y = gumbel_sample(logpi_V, seeds, t)
         y = torch.where(done, torch.full_like(y, pad_id), y)
         live = (~done).float()
@@ -268,6 +282,7 @@ def generate(
     autocast: torch.dtype | None = None,
     teacher: Any = None,
     alpha: float = 0.0,
+    engine: str = "auto",
 ) -> list[list[int]]:
     """Sample one response per prompt (token ids, stop token removed), batched.
 
@@ -277,24 +292,23 @@ def generate(
     was_training = model.training
     model.eval()
     stops = stop_token_ids(tokenizer, model, vocab_size)
-    out: list[list[int]] = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = [prompts[i] for i in idx]
-        budget = max(1, min(max_new_tokens, max_len - max(len(p) for p in batch)))
+        # each row keeps its own budget, so its response never depends on its batch-mates
+        caps = [max(1, min(max_new_tokens, max_len - len(p))) for p in batch]
         r = sample(
-            model, batch, row_seeds(seed, [keys[i] for i in idx]), max_new_tokens=budget, stop_ids=stops,
+            model, batch, row_seeds(seed, [keys[i] for i in idx]), max_new_tokens=max(caps), stop_ids=stops,
             pad_id=tokenizer.pad_token_id, vocab_size=vocab_size, teacher=teacher, alpha=alpha,
             temperature=temperature, top_k=top_k, top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size,
-            autocast=autocast,
+            autocast=autocast, engine=engine,
         )
         for b, i in enumerate(idx):
-            ids = r.response_ids[b, : int(r.response_mask[b].sum())].tolist()
+            ids = r.response_ids[b, : min(int(r.response_mask[b].sum()), caps[b])].tolist()
             if ids and ids[-1] in stops:
                 ids = ids[:-1]
             results[i] = ids
-    out = [results[i] for i in range(len(prompts))]
     model.train(was_training)
-    return out
+    return [results[i] for i in range(len(prompts))]

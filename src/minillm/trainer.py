@@ -167,7 +167,10 @@ def resolve_max_steps(cfg: Config, n_train: int) -> int:
     """``train.epochs`` (when set) turns into optimizer steps over the training set."""
     if cfg.train.epochs is None:
         return cfg.train.max_steps
-    per_step = cfg.minillm.rollouts_per_step / cfg.minillm.ppo_epochs if cfg.method == "minillm" else cfg.train.sequences_per_step
+    per_step: float = cfg.train.sequences_per_step
+    if cfg.method == "minillm":  # each rollout feeds ppo_epochs optimizer steps: fewer new prompts per step
+        m = cfg.minillm
+        per_step = m.rollouts_per_step / (m.ppo_epochs * math.ceil(m.rollouts_per_step / per_step))
     return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
 
 
@@ -235,9 +238,17 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until: int) -> None:
         self.path = path
         if path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= keep_until]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in row.items()}) + "\n")
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics line; a line cut off by a crash mid-write counts as past any checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf

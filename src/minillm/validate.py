@@ -49,7 +49,7 @@ def sampled_rouge(
         model, [x.prompt_ids for x in items], [x.index for x in items], seed=cfg.seed, tokenizer=tokenizer,
         vocab_size=vocab_size, max_new_tokens=g.max_new_tokens, max_len=cfg.data.max_len,
         batch_size=cfg.train.eval_batch_size, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-        no_repeat_ngram_size=g.no_repeat_ngram_size, autocast=autocast,
+        no_repeat_ngram_size=g.no_repeat_ngram_size, autocast=autocast, engine=g.engine,
     )
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in ids]
     refs = [examples[x.index].references or [examples[x.index].response or ""] for x in items]

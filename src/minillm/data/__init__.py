@@ -14,7 +14,7 @@ from minillm.errors import UserError
 
 log = logging.getLogger("minillm")
 
-__all__ = ["Example", "Encoded", "RunData", "load_run_data", "read_examples"]
+__all__ = ["Example", "Encoded", "RunData", "load_run_data", "read_examples", "split_examples"]
 
 
 @dataclass
@@ -27,8 +27,8 @@ class RunData:
     stats: dict[str, EncodeStats]
 
 
-def load_run_data(cfg: Config, tokenizer: Any) -> RunData:
-    """Read, split and tokenize the run's data with the paper's length rules."""
+def split_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
+    """The run's (train, valid) examples: ``data.valid``, else ``data.valid_split``, else the tail of ``data.train``."""
     d = cfg.data
     if d.train is None:
         raise UserError("data.train: is required")
@@ -42,6 +42,13 @@ def load_run_data(cfg: Config, tokenizer: Any) -> RunData:
             raise UserError(f"data.train: {d.train} has {len(train_ex)} example(s); too few to hold out validation (set data.valid)")
         n_valid = min(d.valid_size, max(1, len(train_ex) // 10))
         valid_ex, train_ex = train_ex[-n_valid:], train_ex[:-n_valid]
+    return train_ex, valid_ex
+
+
+def load_run_data(cfg: Config, tokenizer: Any) -> RunData:
+    """Read, split and tokenize the run's data with the paper's length rules."""
+    d = cfg.data
+    train_ex, valid_ex = split_examples(cfg)
     enc = dict(tokenizer=tokenizer, template=d.template, max_prompt_len=d.max_prompt_len, max_len=d.max_len)
     train, s_train = encode_examples(train_ex, **enc)
     valid, s_valid = encode_examples(valid_ex, **enc)

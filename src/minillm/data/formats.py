@@ -58,11 +58,12 @@ def record_to_example(rec: Any, where: str, columns: dict[str, str] | None = Non
     columns = columns or {}
 
     def get(name: str) -> tuple[str | None, Any]:
-        if name in columns:
-            col = columns[name]
-            if col not in rec:
-                raise UserError(f"{where}: column {col!r} (data.columns.{name}) is missing; fields: {sorted(rec)}")
-            return col, rec[col]
+        for key in dict.fromkeys((name, *_ALIASES.get(name, ()))):  # data.columns may use an alias: prompt -> q
+            if key in columns:
+                col = columns[key]
+                if col not in rec:
+                    raise UserError(f"{where}: column {col!r} (data.columns.{key}) is missing; fields: {sorted(rec)}")
+                return col, rec[col]
         for alias in _ALIASES.get(name, (name,)):
             if alias in rec:
                 return alias, rec[alias]
@@ -152,6 +153,8 @@ def load_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]
         for lineno, rec in iter_jsonl(path):
             yield f"{path}:{lineno}", rec
         return
+    if not path.exists() and path.suffix in (".jsonl", ".json"):  # a file name, not a Hub id: do not ask the Hub
+        raise UserError(f"{path}: data file not found")
     if path.is_dir() and not _is_saved_dataset(path):
         raise UserError(f"{path}: a folder that is not a saved Hugging Face dataset (no dataset_info.json)")
     yield from _load_hf(source, split)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from minillm.errors import UserError
+from minillm.methods import kd as _kd  # noqa: F401  (registers "kd")
 from minillm.methods import minillm as _minillm  # noqa: F401  (registers "minillm")
+from minillm.methods import seqkd as _seqkd  # noqa: F401  (registers "seqkd")
 from minillm.methods import sft as _sft  # noqa: F401  (registers "sft")
 from minillm.methods.base import METHODS, Experience, Method, Term, register_method
 

@@ -93,15 +93,16 @@ class MiniLLM(Method):
         self.models.student.eval()
         for batch in chunks(items, self.m.rollout_batch_size):
             prompts = [x.prompt_ids for x in batch]
-            budget = min(g.max_new_tokens, d.max_len - max(len(p) for p in prompts))
+            # each row keeps its own budget, so its response never depends on its batch-mates
+            caps = [min(g.max_new_tokens, d.max_len - len(p)) for p in prompts]
             r = sample(
                 self.models.student, prompts, row_seeds(self.cfg.seed, [x.index for x in batch], salt=step),
-                max_new_tokens=budget, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                max_new_tokens=max(caps), stop_ids=self.stop_ids, pad_id=self.pad_id,
                 vocab_size=self.models.vocab_size, teacher=self.models.teacher, alpha=self.m.alpha,
-                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, autocast=self.autocast,
+                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, autocast=self.autocast, engine=g.engine,
             )
             for b, x in enumerate(batch):
-                n = int(r.response_mask[b].sum())
+                n = min(int(r.response_mask[b].sum()), caps[b])
                 out.append((x.prompt_ids, r.response_ids[b, :n], r.logmix[b, :n]))
         return out
 

@@ -1,0 +1,759 @@
+"""`minillm report`: one HTML page and one Markdown file over run, evaluation and toy folders.
+
+Inputs (each section appears only when its data exists):
+
+* a **run folder** (``output_dir`` of ``minillm train``): ``config.yaml``, ``metrics.jsonl``,
+  ``summary.json``, and maybe ``eval/`` (an evaluation folder) and ``toy/`` (a toy folder);
+* an **evaluation folder** (``minillm eval``): ``results.json``;
+* a **toy folder** (``minillm toy``): ``toy.json`` and ``toy.png``;
+* a folder holding any of these one or two levels down (e.g. a ``minillm demo`` folder).
+
+Outputs in the report folder: ``report.html`` (inline CSS, PNG files beside it, nothing external),
+``report.md`` (the same content) and the PNGs. Every text that reaches the HTML is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import platform
+import re
+import shutil
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+
+from minillm.errors import UserError
+
+log = logging.getLogger("minillm")
+
+# Training curves, in this order, when a run logged them: metrics.jsonl key -> plot title.
+CURVES: dict[str, str] = {
+    "loss": "training loss",
+    "reverse_kl": "reverse KL estimate (per token)",
+    "seq_reverse_kl": "reverse KL estimate (per sequence)",
+    "reward": "reward r_t (per token)",
+    "response_len": "response length (tokens)",
+    "clip_frac": "clip fraction",
+    "valid_loss": "validation loss",
+    "valid_rouge_l": "validation Rouge-L",
+}
+# Evaluation metrics, in table order: results key -> column title.
+EVAL_METRICS: dict[str, str] = {
+    "rouge_l": "Rouge-L",
+    "exact_match": "Exact match",
+    "dist_4": "Dist-4",
+    "lm_loss": "LM loss",
+    "length": "Length (tokens)",
+    "length_words": "Length (words)",
+    "judge": "Judge",
+}
+_SKIP_DIRS = {"checkpoints", "best", "final", "report", "model", "models", "data"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class RunSource:
+    """A training run folder."""
+
+    path: Path
+    name: str = ""
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    config_text: str | None = None
+    summary: dict[str, Any] | None = None
+
+
+@dataclass
+class EvalSource:
+    """An evaluation folder's ``results.json``."""
+
+    path: Path
+    results: dict[str, Any]
+    name: str = ""
+
+
+@dataclass
+class ToySource:
+    """A toy folder: ``toy.json`` (maybe absent) and ``toy.png`` (maybe absent)."""
+
+    path: Path
+    result: dict[str, Any] | None
+    png: Path | None
+    name: str = ""
+
+
+@dataclass
+class Sources:
+    runs: list[RunSource] = field(default_factory=list)
+    evals: list[EvalSource] = field(default_factory=list)
+    toys: list[ToySource] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_run(d: Path) -> bool:
+    return any((d / f).is_file() for f in ("metrics.jsonl", "summary.json", "config.yaml"))
+
+
+def _is_eval(d: Path) -> bool:
+    return (d / "results.json").is_file()
+
+
+def _is_toy(d: Path) -> bool:
+    return (d / "toy.json").is_file() or (d / "toy.png").is_file()
+
+
+def _is_any(d: Path) -> bool:
+    return _is_run(d) or _is_eval(d) or _is_toy(d)
+
+
+def _expand(d: Path, depth: int = 2) -> list[Path]:
+    """``d`` itself when it holds report inputs, else its sub-folders that do (``depth`` levels)."""
+    if _is_any(d):
+        return [d]
+    if depth == 0:
+        return []
+    found: list[Path] = []
+    for child in sorted(p for p in d.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS and not p.name.startswith(".")):
+        found += _expand(child, depth - 1)
+    return found
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rerun the command that wrote it") from None
+
+
+def read_metrics(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    """Rows of ``metrics.jsonl``. A cut-off last line (a run killed mid-write) is dropped with a warning."""
+    text = path.read_text()
+    lines = text.split("\n")
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                warnings.append(f"{path}:{i}: incomplete last line dropped (the run stopped while writing it)")
+                continue
+            raise UserError(f"{path}:{i}: not a JSON object ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise UserError(f"{path}:{i}: expected a JSON object with a numeric 'step', got {line[:60]!r}")
+        rows.append(row)
+    return rows
+
+
+def collect_sources(dirs: Iterable[Path]) -> Sources:
+    """Classify and read every input folder (see the module docstring)."""
+    src = Sources()
+    seen: set[Path] = set()
+    for given in dirs:
+        given = Path(given)
+        if not given.is_dir():
+            raise UserError(f"{given}: not a folder; pass run, evaluation or toy folders")
+        found = _expand(given)
+        if not found:
+            raise UserError(
+                f"{given}: no metrics.jsonl, config.yaml, summary.json, results.json or toy.json here or two levels "
+                "down; pass a run folder (output_dir of `minillm train`), an evaluation folder or a toy folder"
+            )
+        for d in found:
+            _add_folder(d, src, seen)
+    _name_sources(src)
+    return src
+
+
+def _add_folder(d: Path, src: Sources, seen: set[Path]) -> None:
+    key = d.resolve()
+    if key in seen:
+        return
+    seen.add(key)
+    if _is_run(d):
+        run = RunSource(d)
+        if (d / "metrics.jsonl").is_file():
+            run.metrics = read_metrics(d / "metrics.jsonl", src.warnings)
+        if (d / "config.yaml").is_file():
+            run.config_text = (d / "config.yaml").read_text()
+        if (d / "summary.json").is_file():
+            summary = _read_json(d / "summary.json")
+            if not isinstance(summary, dict):
+                raise UserError(f"{d / 'summary.json'}: expected a JSON object")
+            run.summary = summary
+        src.runs.append(run)
+        for sub in ("eval", "toy"):
+            if (d / sub).is_dir() and _is_any(d / sub):
+                _add_folder(d / sub, src, seen)
+    if _is_eval(d):
+        results = _read_json(d / "results.json")
+        if not isinstance(results, dict):
+            raise UserError(f"{d / 'results.json'}: expected a JSON object")
+        src.evals.append(EvalSource(d, results))
+    if _is_toy(d):
+        result = _read_json(d / "toy.json") if (d / "toy.json").is_file() else None
+        src.toys.append(ToySource(d, result, d / "toy.png" if (d / "toy.png").is_file() else None))
+
+
+def _name_sources(src: Sources) -> None:
+    """Short unique display names: the folder name, with parents added until names differ."""
+    items: list[Any] = [*src.runs, *src.evals, *src.toys]
+    for depth in range(1, 8):
+        names = ["/".join(it.path.resolve().parts[-depth:]) for it in items]
+        if len(set(names)) == len(names) or depth == 7:
+            break
+    for it, name in zip(items, names):
+        it.name = name
+
+
+# ---------------------------------------------------------------------------------------------
+# Document: one builder writes HTML and Markdown side by side, escaping in one place.
+
+
+def _md_text(text: str) -> str:
+    """Markdown-safe text: no raw HTML, no accidental emphasis, links or table cells (an underscore
+    inside a word, as in ``rouge_l``, cannot start emphasis and stays as it is)."""
+    return re.sub(r"[\\`*\[\]<>#|]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", lambda m: "\\" + m.group(0), text)
+
+
+def _md_cell(text: str) -> str:
+    return _md_text(text).replace("\n", " ")
+
+
+_NUMBER = re.compile(r"^(n/a|-|[-+]?\d[\d.,]*(e[-+]?\d+)?( ± \d[\d.]*)?)$")
+
+
+class Doc:
+    """Accumulates report blocks as HTML and Markdown."""
+
+    def __init__(self) -> None:
+        self.html: list[str] = []
+        self.md: list[str] = []
+        self.toc: list[tuple[str, str]] = []
+        self.n_headings = 0
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.n_headings += 1
+        anchor = f"s{self.n_headings}"
+        if level == 2:
+            self.toc.append((anchor, text))
+        self.html.append(f'<h{level} id="{anchor}">{html.escape(text)}</h{level}>')
+        self.md.append(f"{'#' * level} {_md_text(text)}\n")
+
+    def para(self, text: str, cls: str | None = None) -> None:
+        attr = f' class="{cls}"' if cls else ""
+        self.html.append(f"<p{attr}>{html.escape(text)}</p>")
+        self.md.append(f"{_md_text(text)}\n")
+
+    def bullets(self, items: Sequence[str], cls: str | None = None) -> None:
+        attr = f' class="{cls}"' if cls else ""
+        self.html.append(f"<ul{attr}>" + "".join(f"<li>{html.escape(t)}</li>" for t in items) + "</ul>")
+        self.md.append("".join(f"- {_md_text(t)}\n" for t in items))
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        # numbers right-aligned (a column whose every cell is a number gets a right-aligned header)
+        num = [[bool(_NUMBER.match(c)) for c in r] for r in rows]
+        col_num = [bool(rows) and all(r[j] for r in num) for j in range(len(headers))]
+        cls = {True: ' class="num"', False: ""}
+        head = "".join(f"<th{cls[col_num[j]]}>{html.escape(h)}</th>" for j, h in enumerate(headers))
+        body = "".join("<tr>" + "".join(f"<td{cls[n]}>{html.escape(c)}</td>" for c, n in zip(r, nr)) + "</tr>"
+                       for r, nr in zip(rows, num))
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |", "|" + "".join("---:|" if c else "---|" for c in col_num)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
+        self.md.append("\n".join(lines) + "\n")
+
+    def image(self, file: str, caption: str) -> None:
+        self.html.append(
+            f'<figure><img src="{html.escape(quote(file))}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+        self.md.append(f"![{_md_cell(caption)}]({quote(file)})\n")
+
+    def code(self, title: str, text: str, lang: str = "") -> None:
+        self.html.append(
+            f"<details><summary>{html.escape(title)}</summary><pre><code>{html.escape(text)}</code></pre></details>"
+        )
+        fence = "```"
+        while fence in text:
+            fence += "`"
+        self.md.append(f"**{_md_text(title)}**\n\n{fence}{lang}\n{text.rstrip()}\n{fence}\n")
+
+    def render_html(self, title: str) -> str:
+        nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in self.toc)
+        return _HTML.format(title=html.escape(title), nav=nav, body="\n".join(self.html))
+
+    def render_md(self, title: str) -> str:
+        return f"# {_md_text(title)}\n\n" + "\n".join(self.md)
+
+
+_HTML = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1100px;
+       padding: 1rem 1.5rem 3rem; color: #1d2329; background: #fff; line-height: 1.45; }}
+h1 {{ border-bottom: 2px solid #2a6db0; padding-bottom: .3rem; }}
+h2 {{ margin-top: 2.2rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }}
+nav {{ display: flex; flex-wrap: wrap; gap: .4rem 1rem; font-size: .9rem; }}
+nav a {{ color: #2a6db0; text-decoration: none; }}
+table {{ border-collapse: collapse; margin: .6rem 0 1rem; font-size: .92rem; }}
+th, td {{ border: 1px solid #d0d7de; padding: .3rem .6rem; text-align: left; }}
+th {{ background: #f3f6f9; }}
+.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+tbody tr:nth-child(even) {{ background: #fafbfc; }}
+figure {{ margin: .8rem 0 1.4rem; }}
+figure img {{ max-width: 100%; border: 1px solid #e4e8ec; }}
+figcaption {{ font-size: .85rem; color: #57606a; }}
+details {{ margin: .4rem 0; }}
+summary {{ cursor: pointer; font-weight: 600; }}
+pre {{ background: #f6f8fa; padding: .7rem; overflow-x: auto; font-size: .82rem; }}
+.warn {{ color: #9a4a00; }}
+.note {{ color: #57606a; font-size: .9rem; }}
+</style>
+</head>
+<body>
+<h1>{title}</h1>
+<nav>{nav}</nav>
+{body}
+<script>
+// Marks the body element once every image has loaded (used by the headless-browser test, harmless otherwise).
+window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (im) {{ return im.complete && im.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-total", String(imgs.length));
+  document.body.setAttribute("data-images-loaded", String(ok));
+  document.body.setAttribute("data-images-ok", ok === imgs.length ? "true" : "false");
+}});
+</script>
+</body>
+</html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (object-oriented matplotlib on the Agg canvas: no display, no global pyplot state)
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pts = [(float(r["step"]), float(r[key])) for r in rows if _finite(r.get(key))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot_line(ax: Any, xs: Sequence[float], ys: Sequence[float], **kw: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    # Sparse series (eval steps, few rollouts) get markers so single points stay visible.
+    ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, ms=3.5, lw=1.4, **kw)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and lengths are whole numbers
+
+
+def plot_run_curves(run: RunSource, path: Path) -> list[str]:
+    """One panel per logged :data:`CURVES` key; returns the keys drawn (empty: nothing written)."""
+    keys = [k for k in CURVES if _series(run.metrics, k)[0]]
+    if not keys:
+        return []
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig = _figure(4.0 * cols, 2.8 * nrows)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        xs, ys = _series(run.metrics, key)
+        _plot_line(ax, xs, ys, color="tab:blue")
+        ax.set_title(CURVES[key], fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(run.name, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    return keys
+
+
+def plot_valid_overlay(runs: Sequence[RunSource], key: str, path: Path) -> bool:
+    """``key`` of every run that logged it on one axis (only worth it for two or more runs)."""
+    drawn = [(r.name, *_series(r.metrics, key)) for r in runs]
+    drawn = [d for d in drawn if d[1]]
+    if len(drawn) < 2:
+        return False
+    fig = _figure(7, 3.8)
+    ax = fig.add_subplot()
+    for name, xs, ys in drawn:
+        _plot_line(ax, xs, ys, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_title(CURVES[key])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def plot_exposure_bias(curves: dict[str, tuple[list[float], list[float], Any]], path: Path) -> None:
+    """ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100 against the generation length l, one line per
+    model (the paper's Figure 6)."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    for model, (lengths, err, _) in curves.items():
+        _plot_line(ax, lengths, err, label=model)
+    ax.set_xlabel("generation length l (tokens)")
+    ax.set_ylabel("ExAccErr(l) (%)")
+    ax.set_title("Excess accumulated error from exposure bias")
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_calibration(models: dict[str, dict[str, Any]], path: Path) -> None:
+    """Reliability diagrams: per confidence bin (its ``lo``/``hi`` edges, else equal widths), accuracy
+    (bars) against mean confidence (outline); the diagonal is perfect calibration. Empty bins stay blank."""
+    n = len(models)
+    cols = min(4, n)
+    nrows = math.ceil(n / cols)
+    fig = _figure(3.4 * cols, 3.4 * nrows)
+    for i, (model, cal) in enumerate(models.items()):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        bins = cal["bins"]
+        for b, item in enumerate(bins):
+            if not item["count"]:
+                continue
+            if _finite(item.get("lo")) and _finite(item.get("hi")):
+                left, width = float(item["lo"]), float(item["hi"]) - float(item["lo"])
+            else:
+                left, width = b / len(bins), 1.0 / len(bins)
+            ax.bar(left, item["accuracy"], width=width, align="edge", color="tab:blue", alpha=0.75, edgecolor="white")
+            ax.bar(left, item["confidence"], width=width, align="edge", fill=False, edgecolor="tab:red", lw=1.2)
+        ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{model}  (ECE {cal['ece']:.3f})", fontsize=9)
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation results
+
+
+def _cell(value: Any) -> tuple[float, float] | None:
+    """A ``summary`` cell ``{"mean", "std", "n"}`` -> (mean, std); None for null (n/a)."""
+    if isinstance(value, dict) and _finite(value.get("mean")) and _finite(value.get("std")):
+        return float(value["mean"]), float(value["std"])
+    return None
+
+
+def _fmt_cell(cell: tuple[float, float] | None, metric: str) -> str:
+    if cell is None:
+        return "n/a"
+    digits = 3 if metric == "lm_loss" else 2
+    return f"{cell[0]:.{digits}f} ± {cell[1]:.{digits}f}"
+
+
+def eval_tables(results: dict[str, Any], where: Path) -> dict[str, tuple[list[str], dict[str, dict[str, Any]]]]:
+    """``{test set: (metric keys, {model: {metric: cell}})}`` from ``results.json``'s ``summary``
+    (``{model: {set: {metric: {"mean", "std", "n"} or null}}}``, :mod:`minillm.eval.runner`)."""
+    summary = results.get("summary")
+    if not isinstance(summary, dict):
+        raise UserError(f"{where}: has no 'summary' mapping of model -> test set -> metric; "
+                        "is it a `minillm eval` results.json? rerun `minillm eval`")
+    shown = results.get("metrics")
+    tables: dict[str, tuple[list[str], dict[str, dict[str, Any]]]] = {}
+    for model, sets in summary.items():
+        if not isinstance(sets, dict):
+            raise UserError(f"{where}: summary.{model} must map test sets to metrics")
+        for set_name, metrics in sets.items():
+            if not isinstance(metrics, dict):
+                raise UserError(f"{where}: summary.{model}.{set_name} must map metrics to {{mean, std, n}} or null")
+            tables.setdefault(str(set_name), ([], {}))[1][str(model)] = metrics
+    for keys, models in tables.values():
+        present = list(dict.fromkeys(k for m in models.values() for k in m))
+        order = [k for k in shown if k in present] if isinstance(shown, list) else []
+        keys += order + [k for k in EVAL_METRICS if k in present and k not in order]
+        keys += sorted(k for k in present if k not in keys)
+    return tables
+
+
+def _comparison(doc: Doc, ev: EvalSource) -> None:
+    where = ev.path / "results.json"
+    res = ev.results
+    for set_name, (keys, models) in eval_tables(res, where).items():
+        doc.heading(f"{set_name} ({ev.name})", 3)
+        doc.table(["model"] + [EVAL_METRICS.get(k, k) for k in keys],
+                  [[model] + [_fmt_cell(_cell(metrics.get(k)), k) for k in keys] for model, metrics in models.items()])
+        info = res.get("test_sets", {}).get(set_name) if isinstance(res.get("test_sets"), dict) else None
+        notes = []
+        if isinstance(info, dict):
+            notes.append(f"{info.get('examples', '?')} examples from {info.get('path', '?')} ({info.get('format', '?')} format)")
+            if info.get("has_references") is False:
+                notes.append("no references: Rouge-L, exact match and LM loss are n/a")
+        skipped = {m: s.get(set_name) for m, s in res.get("skipped_long_prompt", {}).items() if isinstance(s, dict)}
+        skipped = {m: n for m, n in skipped.items() if isinstance(n, int) and n > 0}
+        if skipped:
+            notes.append("prompts skipped as too long: " + ", ".join(f"{m} {n}" for m, n in skipped.items()))
+        if notes:
+            doc.para("; ".join(notes), "note")
+    seeds = res.get("seeds")
+    n = f"{len(seeds)} sampling seed(s): {', '.join(map(str, seeds))}" if isinstance(seeds, list) and seeds else "sampling seeds"
+    doc.para(f"mean ± sample standard deviation over {n}; n/a = not measurable on that test set", "note")
+
+
+def _exposure(ev: EvalSource, warnings: list[str]) -> dict[str, tuple[list[float], list[float], dict[str, Any]]]:
+    """Per model: (l, ExAccErr(l)) at the lengths where it is defined, and the raw entry."""
+    section = ev.results.get("exposure_bias")
+    curves: dict[str, tuple[list[float], list[float], dict[str, Any]]] = {}
+    if not isinstance(section, dict):
+        return curves
+    for model, data in section.items():
+        lengths = data.get("lengths") if isinstance(data, dict) else None
+        err = data.get("ex_acc_err") if isinstance(data, dict) else None
+        if not (isinstance(lengths, list) and isinstance(err, list) and len(lengths) == len(err) and lengths):
+            warnings.append(f"{ev.path / 'results.json'}: exposure_bias.{model} needs equal-length, non-empty "
+                            "'lengths' and 'ex_acc_err' lists; left out of the plot")
+            continue
+        pts = [(float(x), float(y)) for x, y in zip(lengths, err) if _finite(x) and _finite(y)]
+        if len(pts) < len(lengths):  # null = eps(l) was 0 while R(l) was not: the ratio is undefined there
+            warnings.append(f"{ev.path / 'results.json'}: exposure_bias.{model}: ExAccErr undefined (null) at "
+                            f"{len(lengths) - len(pts)} of {len(lengths)} lengths; those points are not drawn")
+        if pts:
+            curves[str(model)] = ([p[0] for p in pts], [p[1] for p in pts], data)
+    return curves
+
+
+def _calibration(ev: EvalSource, warnings: list[str]) -> dict[str, dict[str, Any]]:
+    """Per model: the ``calibration`` entry when it can be drawn (``ece`` and ``bins``)."""
+    section = ev.results.get("calibration")
+    out: dict[str, dict[str, Any]] = {}
+    if not isinstance(section, dict):
+        return out
+    for model, cal in section.items():
+        bins = cal.get("bins") if isinstance(cal, dict) else None
+        ok = isinstance(cal, dict) and _finite(cal.get("ece")) and isinstance(bins, list) and bool(bins)
+        ok = ok and all(isinstance(b, dict) and _finite(b.get("count")) for b in bins)  # type: ignore[union-attr]
+        ok = ok and all(_finite(b.get("accuracy")) and _finite(b.get("confidence")) for b in bins if b["count"])  # type: ignore[union-attr]
+        if not ok:
+            warnings.append(f"{ev.path / 'results.json'}: calibration.{model} needs 'ece' and 'bins' of "
+                            "{count, accuracy, confidence}; left out of the plot")
+            continue
+        out[str(model)] = cal
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _num(x: Any, spec: str) -> str:
+    return format(float(x), spec) if _finite(x) else "n/a"
+
+
+def _last(xs: Any) -> Any:
+    return xs[-1] if isinstance(xs, list) and xs else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.") or "x"
+
+
+def _environment() -> list[tuple[str, str]]:
+    import importlib.metadata as md
+
+    import torch
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    if torch.cuda.is_available():
+        device = f"cuda: {torch.cuda.get_device_name(0)} (x{torch.cuda.device_count()})"
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()})"
+    return [
+        ("date (UTC)", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")),
+        ("minillm", version("minillm")),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("transformers", version("transformers")),
+        ("matplotlib", version("matplotlib")),
+        ("device", device),
+        ("platform", platform.platform()),
+    ]
+
+
+def _run_row(run: RunSource) -> list[str]:
+    s = run.summary or {}
+    last = run.metrics[-1] if run.metrics else {}
+    method = str(s.get("method") or _config_method(run.config_text) or "?")
+    steps = s.get("steps", last.get("step", "-"))
+    valid = _series(run.metrics, "valid_loss")[1]
+    rouge = _series(run.metrics, "valid_rouge_l")[1]
+    times = _series(run.metrics, "step_time_s")[1]
+    tps = _series(run.metrics, "tokens_per_s")[1]
+    best = "-"
+    if s.get("best_step") is not None and _finite(s.get("best")):
+        best = f"{s['best']:.4g} at step {s['best_step']} ({s.get('select_by', '?')})"
+    return [
+        run.name, method, str(steps), best,
+        f"{valid[-1]:.4f}" if valid else "-",
+        f"{rouge[-1]:.2f}" if rouge else "-",
+        f"{statistics.median(times):.3f}" if times else "-",
+        f"{statistics.median(tps):.0f}" if tps else "-",
+        "finished" if run.summary is not None else "no summary.json (unfinished?)",
+    ]
+
+
+def _config_method(text: str | None) -> str | None:
+    if not text:
+        return None
+    m = re.search(r"^method:\s*(\S+)", text, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write ``report.html``, ``report.md`` and their PNGs into ``out``; return the HTML path.
+
+    ``run_dirs``: run, evaluation or toy folders (or folders holding them); ``out`` defaults to
+    ``run_dirs[0] / "report"``.
+    """
+    if not run_dirs:
+        raise UserError("report: give at least one run, evaluation or toy folder")
+    src = collect_sources(run_dirs)
+    out = Path(out) if out is not None else Path(run_dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = Doc()
+    title = "minillm report: " + ", ".join(Path(d).name or str(d) for d in run_dirs)
+
+    doc.heading("Sources")
+    doc.bullets([f"run {r.name}: {r.path}" for r in src.runs] + [f"evaluation {e.name}: {e.path}" for e in src.evals]
+                + [f"toy {t.name}: {t.path}" for t in src.toys])
+
+    if src.evals:
+        doc.heading("Comparison")
+        for ev in src.evals:
+            _comparison(doc, ev)
+
+    if src.runs:
+        doc.heading("Training runs")
+        doc.table(["run", "method", "steps", "best (selection)", "last valid loss", "last valid Rouge-L",
+                   "median step time (s)", "median tokens/s", "status"], [_run_row(r) for r in src.runs])
+        for key in ("valid_loss", "valid_rouge_l"):
+            file = f"compare_{key}.png"
+            if plot_valid_overlay(src.runs, key, out / file):
+                doc.image(file, f"{CURVES[key]} of every run")
+        for i, run in enumerate(src.runs):
+            doc.heading(f"Run {run.name}", 3)
+            file = f"curves_{i:02d}_{_slug(run.name)}.png"
+            if not run.metrics:
+                doc.para("no metrics.jsonl rows: the run has not finished a step yet", "note")
+            elif not plot_run_curves(run, out / file):
+                doc.para("metrics.jsonl holds none of: " + ", ".join(CURVES), "note")
+            else:
+                doc.image(file, f"training curves of {run.name} (x: optimizer step)")
+
+    for i, ev in enumerate(src.evals):
+        curves = _exposure(ev, src.warnings)
+        if curves:
+            doc.heading(f"Exposure bias ({ev.name})")
+            file = f"exposure_bias_{i:02d}_{_slug(ev.name)}.png"
+            plot_exposure_bias(curves, out / file)
+            doc.image(file, "ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100 by generation length l, per model")
+            doc.table(["model", "l_max", "ExAccErr(l_max) %", "R(l_max)", "eps(l_max)"],
+                      [[m, str(d["lengths"][-1]), _num(d["ex_acc_err"][-1], ".2f"), _num(_last(d.get("R")), ".4f"),
+                        _num(_last(d.get("eps")), ".4f")] for m, (_, _, d) in curves.items()])
+            settings = ev.results.get("exposure_settings")
+            if isinstance(settings, dict):
+                doc.para("settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "note")
+        cal = _calibration(ev, src.warnings)
+        if cal:
+            doc.heading(f"Calibration ({ev.name})")
+            file = f"calibration_{i:02d}_{_slug(ev.name)}.png"
+            plot_calibration(cal, out / file)
+            doc.image(file, "reliability diagrams: accuracy (bars) vs mean confidence (red outline) per bin")
+            doc.table(["model", "ECE", "accuracy", "mean confidence", "n"],
+                      [[m, f"{c['ece']:.4f}", _num(c.get("accuracy"), ".4f"), _num(c.get("mean_confidence"), ".4f"),
+                        str(int(sum(b["count"] for b in c["bins"])))] for m, c in cal.items()])
+
+    if src.toys:
+        doc.heading("Forward vs reverse KL (toy)")
+        for i, toy in enumerate(src.toys):
+            _toy_section(doc, toy, out, i)
+
+    configs = [(f"{r.name}: config.yaml", r.config_text) for r in src.runs if r.config_text]
+    configs += [(f"{e.name}: evaluation config (results.json)", yaml.safe_dump(e.results["config"], sort_keys=False))
+                for e in src.evals if isinstance(e.results.get("config"), dict)]
+    if configs:
+        doc.heading("Resolved configs")
+        for name, text in configs:
+            doc.code(name, text or "", "yaml")
+
+    doc.heading("Environment")
+    doc.para("where this report was written (runs may have trained elsewhere)", "note")
+    doc.table(["item", "value"], [list(kv) for kv in _environment()])
+
+    if src.warnings:
+        doc.heading("Warnings")
+        doc.bullets(src.warnings, "warn")
+        for w in src.warnings:
+            log.warning("%s", w)
+
+    (out / "report.md").write_text(doc.render_md(title))
+    path = out / "report.html"
+    path.write_text(doc.render_html(title))
+    return path
+
+
+def _toy_section(doc: Doc, toy: ToySource, out: Path, i: int) -> None:
+    from minillm.toy import plot_toy
+
+    file = f"toy_{i:02d}_{_slug(toy.name)}.png"
+    target, rows = "", []
+    if toy.result is not None:
+        try:
+            plot_toy(toy.result, out / file)  # redrawn from toy.json so the figure matches the numbers below
+            t, fits = toy.result["target"], toy.result["fits"]
+            target = " + ".join(f"{w:g} N({m:g}, {s:g}^2)" for w, m, s in zip(t["weights"], t["means"], t["stds"]))
+            rows = [[f"minimise {d} KL", f"{f['mu']:.3f}", f"{f['sigma']:.3f}", f"{f['forward_kl']:.4f}", f"{f['reverse_kl']:.4f}"]
+                    for d, f in fits.items()]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{toy.path / 'toy.json'}: not a `minillm toy` result ({type(e).__name__}: {e}); "
+                            "rerun `minillm toy`") from None
+    elif toy.png is not None:
+        shutil.copyfile(toy.png, out / file)
+    doc.image(file, "one Gaussian fitted to a two-mode mixture: forward KL covers both modes, reverse KL seeks one")
+    if rows:
+        doc.para(f"target p = {target}")
+        doc.table(["fit", "mu", "sigma", "KL(p||q)", "KL(q||p)"], rows)
