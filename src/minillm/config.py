@@ -40,10 +40,10 @@ def _check(cond: bool, key: str, msg: str) -> None:
 class ModelConfig:
     """A causal LM: a Hugging Face Hub id, a local folder, or a ``.gguf`` file."""
 
-    path: str | None = None
+    path: str | None = None  # Hub id, local folder or .gguf file
     dtype: str = "auto"  # auto: float32 on CPU; on CUDA bfloat16 for the teacher, float32 master weights for the student
-    trust_remote_code: bool = False
-    revision: str | None = None
+    trust_remote_code: bool = False  # run model code shipped with a Hub repo (off unless you trust it)
+    revision: str | None = None  # Hub branch, tag or commit
     tokenizer: str | None = None  # defaults to `path` (a GGUF file carries its tokenizer)
 
     def __post_init__(self) -> None:
@@ -54,18 +54,18 @@ class ModelConfig:
 class DataConfig:
     """Instruction data (JSONL or a Hugging Face dataset) and an optional pre-training corpus."""
 
-    train: str | None = None
-    valid: str | None = None
-    pretrain: str | None = None
-    template: str = "alpaca"
-    max_prompt_len: int = 256
-    max_len: int = 512
+    train: str | None = None  # JSONL / JSON file, saved dataset folder or Hub dataset id
+    valid: str | None = None  # same forms; unset: held out of `train` (see valid_split, valid_size)
+    pretrain: str | None = None  # .txt (one document per line) or .jsonl corpus for the L_PT loss; unset: no L_PT
+    template: str = "alpaca"  # alpaca (the paper), chat (the tokenizer's chat template) or raw (prompt as is)
+    max_prompt_len: int = 256  # longer prompts are skipped and counted, never truncated
+    max_len: int = 512  # prompt + response tokens; longer responses are cut (counted)
     split: str = "train"  # split of a Hub/saved dataset used for `train`
     valid_split: str | None = None  # split of `train`'s dataset used for validation when `valid` is unset
     valid_size: int = 500  # examples held out of `train` when neither `valid` nor `valid_split` is set
     columns: dict[str, str] = field(default_factory=dict)  # our field -> dataset column
     max_examples: int | None = None  # cap on training examples (after filtering)
-    pretrain_text_key: str = "text"
+    pretrain_text_key: str = "text"  # field holding the text in a .jsonl pre-training corpus
 
     def __post_init__(self) -> None:
         _check(self.template in TEMPLATES, "data.template", f"must be one of {TEMPLATES}, got {self.template!r}")
@@ -86,27 +86,27 @@ class TrainConfig:
 
     max_steps: int = 5000  # optimizer steps
     epochs: float | None = None  # if set, max_steps = epochs * (examples / sequences per step)
-    lr: float = 5e-6
+    lr: float = 5e-6  # peak learning rate (AdamW)
     min_lr: float = 0.0  # floor of the cosine / linear decay
-    warmup: int = 100
-    schedule: str = "constant"
-    weight_decay: float = 0.01
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup: int = 100  # linear warm-up steps
+    schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to min_lr
+    weight_decay: float = 0.01  # AdamW decay on matrices (not on biases and norms)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step
     grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "auto"
-    device: str = "auto"
+    dtype: str = "auto"  # student compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU
+    device: str = "auto"  # auto (CUDA when visible), cpu, cuda, cuda:N
     pt_coef: float = 1.0  # weight of the pre-training LM loss for non-MiniLLM methods (when data.pretrain is set)
-    eval_every: int = 100
-    eval_batch_size: int = 16
-    eval_max_examples: int | None = 500
+    eval_every: int = 100  # validate every N optimizer steps (and at the end)
+    eval_batch_size: int = 16  # sequences per batch in validation and generation
+    eval_max_examples: int | None = 500  # validation examples used (null: all)
     select_by: str = "loss"  # keep best/ by validation "loss" (lower) or "rouge_l" (higher)
-    save_every: int = 500
-    keep_last: int = 2
-    log_every: int = 1
+    save_every: int = 500  # checkpoint every N steps (and at the end), atomically
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    log_every: int = 1  # metrics.jsonl rows are written every step; kept for compatibility
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
-    progress: bool = True
+    progress: bool = True  # live progress bar with a time estimate (on a terminal)
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
@@ -133,11 +133,11 @@ class TrainConfig:
 class GenerationConfig:
     """Sampling for rollouts, SeqKD data and evaluation (paper: temperature 1, no top-k/top-p)."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    no_repeat_ngram_size: int = 0
+    temperature: float = 1.0  # sampling temperature (rollouts, SeqKD data, evaluation)
+    top_k: int = 0  # keep the k most likely tokens; 0 disables
+    top_p: float = 1.0  # nucleus sampling mass; 1 disables
+    max_new_tokens: int = 256  # response budget (also capped by data.max_len - prompt length)
+    no_repeat_ngram_size: int = 0  # forbid repeating n-grams (evaluation option; plain loop only)
     engine: str = "auto"  # auto: static caches + CUDA graphs on GPU, plain loop on CPU; or eager / static
 
     def __post_init__(self) -> None:
@@ -158,7 +158,7 @@ class MiniLLMConfig:
     length_norm: bool = True  # average the future return over the remaining length
     gamma: float = 1.0  # discount counted from the response start (reference code: 0.95)
     clip: float = 0.2  # PPO ratio clip; 0 disables clipping
-    ppo_epochs: int = 4
+    ppo_epochs: int = 4  # passes over each rollout batch
     rollouts_per_step: int = 256  # rollouts sampled per rollout phase
     rollout_batch_size: int = 64  # prompts decoded together
     pt_coef: float = 1.0  # weight of the pre-training loss (needs data.pretrain)
@@ -188,7 +188,7 @@ class KDConfig:
 
     loss: str = "forward_kl"  # any name in minillm.losses.DIVERGENCES
     ratio: float = 0.5  # weight of the divergence; 1 - ratio goes to cross-entropy on the data
-    temperature: float = 1.0
+    temperature: float = 1.0  # both distributions are softened by this temperature inside the divergence
     beta: float = 0.5  # generalised JSD interpolation
     skew_alpha: float = 0.1  # skew KL mixing
     onpolicy_fraction: float = 0.0  # GKD lambda: share of batches whose responses the student samples
@@ -208,18 +208,18 @@ class EvalConfig:
     models: dict[str, str] = field(default_factory=dict)  # display name -> model path (folder, Hub id, .gguf)
     test: dict[str, str] = field(default_factory=dict)  # test-set name -> file / dataset
     format: str = "auto"  # auto, dolly, selfinst, vicuna, sni, unni, prompt_response
-    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])  # one generation per seed (the paper: 5)
     max_examples: int | None = None  # first N examples of each test set
-    batch_size: int = 16
-    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words"])
+    batch_size: int = 16  # prompts generated together
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words"])  # columns of the table
     exposure_bias: bool = False  # ExAccErr curve of every model against teacher.path
     exposure_samples: int = 4  # samples per prompt for ExAccErr
-    exposure_max_prompts: int = 50
+    exposure_max_prompts: int = 50  # prompts used for ExAccErr
     exposure_max_len: int | None = None  # generation length l_max; default generation.max_new_tokens
     exposure_stop_at_eos: bool = False  # default: fixed-length samples (every sample counts at every l)
     exposure_test: str | None = None  # test set whose prompts are used; default the first of eval.test
     calibration: str | None = None  # JSONL of {prompt, choices, answer} for ECE
-    calibration_bins: int = 10
+    calibration_bins: int = 10  # equal-width confidence bins for ECE
     judge: str | None = None  # "openai:<model>@<base_url>" or a local model path; None = off
     judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the judge's API key
     out: str | None = None  # defaults to output_dir/eval
@@ -246,9 +246,9 @@ class EvalConfig:
 class Config:
     """A whole run. ``method`` picks the module that builds batches and losses."""
 
-    method: str = "sft"
-    output_dir: str = "runs/default"
-    seed: int = 10
+    method: str = "sft"  # sft, minillm, kd or seqkd
+    output_dir: str = "runs/default"  # run folder: config, metrics.jsonl, checkpoints/, best/, final/
+    seed: int = 10  # seeds data order, sampling and initialisation
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

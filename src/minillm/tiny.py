@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 SPECIALS = ["<pad>", "<unk>", "<eos>"]
-_WORD = re.compile(r"\w+|[^\w\s]")
+_WORD = re.compile(r"\w+|[^\w\s]+")  # the same split as the Whitespace pre-tokenizer
 
 
 def build_word_tokenizer(texts: Iterable[str], extra_specials: Iterable[str] = ()) -> Any:

@@ -113,7 +113,7 @@ def optimise(method: Method, model: Any, micro_batches: list[Batch], opt: torch.
         loss = None
         for name, term in terms.items():
             mask = mb[term.mask].to(term.values.device)
-            part = (term.values * mask).sum() / counts[term.mask]
+            part = torch.where(mask != 0, term.values, 0.0).mul(mask).sum() / counts[term.mask]  # inf at padding must not leak
             sums[name] = sums.get(name, 0.0) + float(part.detach())
             if term.coef:
                 loss = term.coef * part if loss is None else loss + term.coef * part
