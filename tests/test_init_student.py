@@ -58,7 +58,7 @@ def teachers(tmp_path_factory: pytest.TempPathFactory, word_tokenizer: object) -
         model = AutoModelForCausalLM.from_config(_tiny_config(kind, len(word_tokenizer)))
         # random norms too, so that copying the wrong norm cannot pass unnoticed
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 1:
                     p.uniform_(0.5, 1.5)
         model.save_pretrained(root / kind)

@@ -1,0 +1,36 @@
+"""`minillm demo --quick` end to end through the CLI: the table, the report, and stage reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from minillm.cli import main
+
+
+def test_demo_quick_runs_reports_and_reuses_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    main(["demo", "--quick", "--out", str(out)])
+    printed = capsys.readouterr().out
+    for name in ("teacher", "sft", "kd", "seqkd", "minillm"):
+        assert f"| {name} |" in printed
+    assert "Exposure bias" in printed and "report:" in printed
+    html = out / "report" / "report.html"
+    assert html.exists() and (out / "report" / "report.md").exists()
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["summary"]) == {"teacher", "sft", "kd", "seqkd", "minillm"}
+    rouge = {m: results["summary"][m]["task"]["rouge_l"]["mean"] for m in results["summary"]}
+    # the teacher was trained on the task: it must clearly beat a one-layer student
+    assert rouge["teacher"] > rouge["sft"] + 10
+    for name in ("teacher", "sft", "kd", "seqkd", "minillm"):
+        assert (out / "runs" / name / "final" / "config.json").exists()
+    first = json.loads((out / "timings.json").read_text())
+
+    main(["demo", "--quick", "--out", str(out)])  # a rerun reuses every finished stage
+    capsys.readouterr()
+    again = json.loads((out / "timings.json").read_text())
+    for stage in ("teacher", "sft", "kd", "seqkd", "minillm"):
+        assert again[stage] == pytest.approx(first[stage])  # the recorded time of the reused run
+    assert again["total"] < first["total"]
