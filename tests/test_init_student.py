@@ -34,7 +34,7 @@ def _tiny_config(kind: str, vocab: int) -> object:
         return tr.Qwen3Config(**common, head_dim=8)
     if kind == "gpt2":
         return tr.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=N_TEACHER, n_head=4, n_positions=64,
-                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=2)
     raise AssertionError(kind)
 
 

@@ -43,7 +43,7 @@ class DemoSize:
 
 # sized for 2 CPU cores: --quick about 2 minutes, the default about 10
 QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100)
-FULL = DemoSize(3000, 200, 200, (3, 96), (1, 64), 800, 400, 96, 64, (10, 20, 30), 200)
+FULL = DemoSize(3000, 200, 200, (3, 96), (1, 48), 800, 300, 96, 64, (10, 20, 30), 200)
 
 
 def _base(out: Path, data: dict[str, Path], device: str, seed: int, size: DemoSize) -> dict[str, Any]:
