@@ -19,6 +19,7 @@ def test_demo_quick_runs_reports_and_reuses_stages(tmp_path: Path, capsys: pytes
     assert "Exposure bias" in printed and "report:" in printed
     html = out / "report" / "report.html"
     assert html.exists() and (out / "report" / "report.md").exists()
+    assert "toy" in html.read_text().lower() and (out / "toy" / "toy.png").exists()
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["summary"]) == {"teacher", "sft", "kd", "seqkd", "minillm"}
     rouge = {m: results["summary"][m]["task"]["rouge_l"]["mean"] for m in results["summary"]}

@@ -9,7 +9,7 @@ Stages (each reused on a rerun when its config is unchanged and it finished):
    as in the paper, with the paper's switches; the pre-training term is off because the task has
    no general ability to protect - `data.pretrain` turns it on for real runs);
 4. evaluation of every model over several sampling seeds (:mod:`minillm.eval.runner`);
-5. the report (:mod:`minillm.report`).
+5. the paper's Figure 2 (:mod:`minillm.toy`) and the report (:mod:`minillm.report`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class DemoSize:
 
 # sized for 2 CPU cores: --quick about 2 minutes, the default about 10
 QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100)
-FULL = DemoSize(3000, 200, 200, (3, 96), (1, 48), 800, 300, 96, 64, (10, 20, 30), 200)
+FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300)
 
 
 def _base(out: Path, data: dict[str, Path], device: str, seed: int, size: DemoSize) -> dict[str, Any]:
@@ -145,8 +145,10 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 1
     timings["eval"] = time.perf_counter() - t2
 
     from minillm.report import write_report
+    from minillm.toy import run_toy
 
-    report = write_report([out / "eval", *(runs / n for n in ("teacher", "sft", "kd", "seqkd", "minillm"))], out / "report")
+    run_toy(out / "toy")  # the paper's Figure 2: mode-covering forward KL vs mode-seeking reverse KL
+    report = write_report([out / "eval", out / "toy", *(runs / n for n in ("teacher", "sft", "kd", "seqkd", "minillm"))], out / "report")
     timings["total"] = time.perf_counter() - t0
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     stage_times = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
