@@ -104,7 +104,6 @@ class TrainConfig:
     select_by: str = "loss"  # keep best/ by validation "loss" (lower) or "rouge_l" (higher)
     save_every: int = 500  # checkpoint every N steps (and at the end), atomically
     keep_last: int = 2  # checkpoints kept; older ones are deleted
-    log_every: int = 1  # metrics.jsonl rows are written every step; kept for compatibility
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
     progress: bool = True  # live progress bar with a time estimate (on a terminal)
 

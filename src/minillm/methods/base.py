@@ -22,7 +22,7 @@ import torch
 
 from minillm.config import Config
 from minillm.data import RunData
-from minillm.losses import token_cross_entropy
+from minillm.losses import per_token, token_cross_entropy
 from minillm.models import Models, autocast_dtype, vocab_logits
 
 Batch = dict[str, torch.Tensor]
@@ -83,14 +83,23 @@ class Method:
             batch.update(self.data.pretrain.next_batch(self.cfg.train.batch_size))
         return batch
 
-    def pt_terms(self, model: Any, batch: Batch) -> dict[str, Term]:
-        """L_PT: next-token cross-entropy on the general corpus."""
+    def pt_terms(self, model: Any, batch: Batch, kd_ratio: float = 0.0) -> dict[str, Term]:
+        """L_PT: next-token cross-entropy on the general corpus. With ``kd_ratio`` r > 0 (the
+        reference code's L_PT), (1 - r) CE + r KL(p || q) to the teacher on the same batch, from one
+        student forward."""
         if "pt_input_ids" not in batch:
             return {}
         ids = batch["pt_input_ids"]
-        logits = self.forward_logits(model, ids, torch.ones_like(ids))
-        ce = token_cross_entropy(logits[:, :-1], batch["pt_targets"].to(logits.device))
-        return {"pt": Term(ce, "pt_mask", self.pt_coef())}
+        ones = torch.ones_like(ids)
+        logits = self.forward_logits(model, ids, ones)[:, :-1]
+        ce = token_cross_entropy(logits, batch["pt_targets"].to(logits.device))
+        coef = self.pt_coef()
+        if kd_ratio <= 0 or self.models.teacher is None:
+            return {"pt": Term(ce, "pt_mask", coef)}
+        with torch.no_grad():
+            t_logits = self.forward_logits(self.models.teacher, ids, ones)[:, :-1]
+        fkl = per_token("forward_kl", logits, t_logits)
+        return {"pt": Term(ce, "pt_mask", coef * (1 - kd_ratio)), "pt_kd": Term(fkl, "pt_mask", coef * kd_ratio)}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}

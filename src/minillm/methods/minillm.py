@@ -195,21 +195,8 @@ class MiniLLM(Method):
                 t_logits = self._pair_logits(self.models.teacher, batch)
             kl = per_token("reverse_kl", s_logits, t_logits)
             terms["single_step"] = Term(kl * w if m.single_step_weight else kl, "response_mask")
-        terms.update(self.pt_terms(model, batch))
-        if m.pt_kd_ratio > 0 and "pt" in terms:
-            terms.update(self._pt_kd(model, batch, terms))
+        terms.update(self.pt_terms(model, batch, m.pt_kd_ratio))
         return terms
-
-    def _pt_kd(self, model: Any, batch: Batch, terms: dict[str, Term]) -> dict[str, Term]:
-        """Reference-code L_PT: (1 - r) LM + r forward KL to the teacher on the corpus batch."""
-        ids = batch["pt_input_ids"]
-        ones = torch.ones_like(ids)
-        s = self.forward_logits(model, ids, ones)[:, :-1]
-        with torch.no_grad():
-            t = self.forward_logits(self.models.teacher, ids, ones)[:, :-1]
-        r, coef = self.m.pt_kd_ratio, terms["pt"].coef
-        fkl = per_token("forward_kl", s, t)
-        return {"pt": Term(terms["pt"].values, "pt_mask", coef * (1 - r)), "pt_kd": Term(fkl, "pt_mask", coef * r)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "sampler": self.sampler.state_dict()}
