@@ -108,15 +108,19 @@ def eval_cmd(config: str, overrides: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.option("--out", default="minillm-demo", show_default=True, help="Folder for the run folders and the report.")
-@click.option("--quick", is_flag=True, help="Smaller models and fewer steps (about 2 minutes on 2 CPU cores).")
+@click.option("--quick", is_flag=True, help="Same as --size quick (about 20 seconds on 2 CPU cores).")
+@click.option("--size", type=click.Choice(["quick", "default", "large"]), default=None,
+              help="Study size: quick and default fit a laptop's CPU; large is meant for --device cuda.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", default=10, show_default=True)
-def demo(out: str, quick: bool, device: str, seed: int) -> None:
+def demo(out: str, quick: bool, size: str | None, device: str, seed: int) -> None:
     """The built-in study, offline: teacher, SFT, KD, SeqKD and MiniLLM students on a generated task."""
     from minillm.demo import run_demo
 
+    if quick and size not in (None, "quick"):
+        raise click.UsageError("--quick and --size disagree; give one of them")
     with progress_bar() as bar:
-        table = run_demo(Path(out), quick=quick, device=device, seed=seed, progress=bar)
+        table = run_demo(Path(out), quick=quick, device=device, seed=seed, progress=bar, size=size)
     click.echo(table)
 
 

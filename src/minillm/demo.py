@@ -41,9 +41,11 @@ class DemoSize:
     eval_examples: int
 
 
-# sized for 2 CPU cores: --quick about 2 minutes, the default about 10
+# quick and default are sized for 2 CPU cores (about 20 s and 75 s); large is for a GPU
 QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100)
 FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300)
+LARGE = DemoSize(20000, 500, 500, (6, 256), (2, 96), 3000, 1500, 600, 256, (10, 20, 30, 40, 50), 500)
+SIZES = {"quick": QUICK, "default": FULL, "large": LARGE}
 
 
 def _base(out: Path, data: dict[str, Path], device: str, seed: int, size: DemoSize) -> dict[str, Any]:
@@ -85,70 +87,80 @@ def _stage(name: str, cfg: Config, progress: Any, timings: dict[str, float]) -> 
     return out
 
 
-def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 10, progress: Any = None) -> str:
-    """Run the whole study under ``out``; return the comparison table (Markdown)."""
-    from minillm.data.task import corpus_texts, write_task
-    from minillm.generate_data import run_generate
-    from minillm.tiny import build_word_tokenizer, save_pair, tiny_gpt2
+def study_configs(out: Path, size: DemoSize, init: Path, data: dict[str, Path], device: str, seed: int) -> dict[str, Config]:
+    """Every stage's config (teacher, sft, kd, seqkd_generate, seqkd, minillm, eval), validated."""
+    base = _base(out, data, device, seed, size)
+    runs = out / "runs"
+    teacher, sft = runs / "teacher" / "best", runs / "sft" / "best"
+    seqkd_data = out / "data" / "seqkd_train.jsonl"
+    sft_train = {"lr": 3e-3, "schedule": "cosine", "min_lr": 3e-4, "eval_every": 50, "save_every": 1000}
+    student_train = {**sft_train, "max_steps": size.student_steps}
+    raw = {
+        "teacher": _merge(base, method="sft", output_dir=str(runs / "teacher"), student={"path": str(init / "teacher")},
+                          train={**sft_train, "max_steps": size.teacher_steps}),
+        "sft": _merge(base, method="sft", output_dir=str(runs / "sft"), student={"path": str(init / "student")}, train=student_train),
+        "kd": _merge(base, method="kd", output_dir=str(runs / "kd"), student={"path": str(init / "student")},
+                     teacher={"path": str(teacher)}, train=student_train),
+        "seqkd_generate": _merge(base, method="seqkd", output_dir=str(runs / "seqkd"), teacher={"path": str(teacher)},
+                                 student={"path": str(init / "student")}),
+        "seqkd": _merge(base, method="seqkd", output_dir=str(runs / "seqkd"), student={"path": str(init / "student")},
+                        data={"train": str(seqkd_data)}, train=student_train),
+        "minillm": _merge(base, method="minillm", output_dir=str(runs / "minillm"), student={"path": str(sft)},
+                          teacher={"path": str(teacher)},
+                          train={"lr": 1e-3, "warmup": 0, "max_steps": size.minillm_steps, "batch_size": 16, "grad_accum": 1,
+                                 "eval_every": max(1, size.minillm_steps // 4), "save_every": 1000, "select_by": "rouge_l"},
+                          minillm={"rollouts_per_step": size.rollouts, "rollout_batch_size": min(size.rollouts, 128)}),
+    }
+    models = {name: str(runs / name / "best") for name in ("teacher", "sft", "kd", "seqkd", "minillm")}
+    raw["eval"] = _merge(base, output_dir=str(out), teacher={"path": str(teacher)},
+                         eval={"models": models, "test": {"task": str(data["test"])}, "seeds": list(size.seeds),
+                               "max_examples": size.eval_examples, "batch_size": 32, "exposure_bias": True,
+                               "exposure_samples": 2, "exposure_max_prompts": 16, "out": str(out / "eval")})
+    cfgs = {name: config_from_dict(d) for name, d in raw.items()}
+    for name in ("teacher", "sft", "kd", "seqkd", "minillm"):
+        cfgs[name].validate_for_training()
+    return cfgs
 
-    size = QUICK if quick else FULL
+
+def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 10, progress: Any = None, size: str | None = None) -> str:
+    """Run the whole study under ``out``; return the comparison table (Markdown).
+
+    ``size``: quick, default or large (``quick=True`` is the same as ``size="quick"``)."""
+    from minillm.data.task import corpus_texts, write_task
+    from minillm.eval.runner import run_eval
+    from minillm.generate_data import run_generate
+    from minillm.report import write_report
+    from minillm.tiny import build_word_tokenizer, save_pair, tiny_gpt2
+    from minillm.toy import run_toy
+
+    name = size or ("quick" if quick else "default")
+    dims = SIZES[name]
     out = Path(out)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    data = write_task(out / "data", seed, size.n_train, size.n_valid, size.n_test)
+    data = write_task(out / "data", seed, dims.n_train, dims.n_valid, dims.n_test)
     tok = build_word_tokenizer(corpus_texts())
-    init = out / "models" / ("quick" if quick else "full")
+    init = out / "models" / name
     if not (init / "student" / "config.json").exists():
-        save_pair(tiny_gpt2(tok, *size.teacher, n_head=4, seed=seed), tok, init / "teacher")
-        save_pair(tiny_gpt2(tok, *size.student, n_head=4, seed=seed + 1), tok, init / "student")
+        save_pair(tiny_gpt2(tok, *dims.teacher, n_head=4, seed=seed), tok, init / "teacher")
+        save_pair(tiny_gpt2(tok, *dims.student, n_head=4, seed=seed + 1), tok, init / "student")
+    cfgs = study_configs(out, dims, init, data, device, seed)
     timings["data"] = time.perf_counter() - t0
-    base = _base(out, data, device, seed, size)
-    runs = out / "runs"
 
-    sft_train = {"lr": 3e-3, "schedule": "cosine", "min_lr": 3e-4, "eval_every": 50, "save_every": 1000}
-    teacher = _stage("teacher", config_from_dict(_merge(
-        base, method="sft", output_dir=str(runs / "teacher"), student={"path": str(init / "teacher")},
-        train={**sft_train, "max_steps": size.teacher_steps})), progress, timings)
-    sft = _stage("sft", config_from_dict(_merge(
-        base, method="sft", output_dir=str(runs / "sft"), student={"path": str(init / "student")},
-        train={**sft_train, "max_steps": size.student_steps})), progress, timings)
-    kd = _stage("kd", config_from_dict(_merge(
-        base, method="kd", output_dir=str(runs / "kd"), student={"path": str(init / "student")},
-        teacher={"path": str(teacher / "best")}, train={**sft_train, "max_steps": size.student_steps})), progress, timings)
-
+    for stage in ("teacher", "sft", "kd"):
+        _stage(stage, cfgs[stage], progress, timings)
     t1 = time.perf_counter()
-    gen_cfg = config_from_dict(_merge(base, method="seqkd", output_dir=str(runs / "seqkd"),
-                                      teacher={"path": str(teacher / "best")}, student={"path": str(init / "student")}))
-    seqkd_data = run_generate(gen_cfg, out=str(out / "data" / "seqkd_train.jsonl"), samples=1, which="teacher", progress=progress)
+    run_generate(cfgs["seqkd_generate"], out=cfgs["seqkd"].data.train, samples=1, which="teacher", progress=progress)
     timings["seqkd_generate"] = time.perf_counter() - t1
-    seqkd = _stage("seqkd", config_from_dict(_merge(
-        base, method="seqkd", output_dir=str(runs / "seqkd"), student={"path": str(init / "student")},
-        data={"train": str(seqkd_data)}, train={**sft_train, "max_steps": size.student_steps})), progress, timings)
-
-    mini = _stage("minillm", config_from_dict(_merge(
-        base, method="minillm", output_dir=str(runs / "minillm"), student={"path": str(sft / "best")},
-        teacher={"path": str(teacher / "best")},
-        train={"lr": 1e-3, "warmup": 0, "max_steps": size.minillm_steps, "batch_size": 16, "grad_accum": 1,
-               "eval_every": max(1, size.minillm_steps // 4), "save_every": 1000, "select_by": "rouge_l"},
-        minillm={"rollouts_per_step": size.rollouts, "rollout_batch_size": size.rollouts})), progress, timings)
+    for stage in ("seqkd", "minillm"):
+        _stage(stage, cfgs[stage], progress, timings)
 
     t2 = time.perf_counter()
-    from minillm.eval.runner import run_eval
-
-    models = {"teacher": teacher / "best", "sft": sft / "best", "kd": kd / "best", "seqkd": seqkd / "best", "minillm": mini / "best"}
-    eval_cfg = config_from_dict(_merge(
-        base, output_dir=str(out), teacher={"path": str(teacher / "best")},
-        eval={"models": {k: str(v) for k, v in models.items()}, "test": {"task": str(data["test"])},
-              "seeds": list(size.seeds), "max_examples": size.eval_examples, "batch_size": 32,
-              "exposure_bias": True, "exposure_samples": 2, "exposure_max_prompts": 16, "out": str(out / "eval")}))
-    table = run_eval(eval_cfg, progress=progress)
+    table = run_eval(cfgs["eval"], progress=progress)
     timings["eval"] = time.perf_counter() - t2
-
-    from minillm.report import write_report
-    from minillm.toy import run_toy
-
     run_toy(out / "toy")  # the paper's Figure 2: mode-covering forward KL vs mode-seeking reverse KL
-    report = write_report([out / "eval", out / "toy", *(runs / n for n in ("teacher", "sft", "kd", "seqkd", "minillm"))], out / "report")
+    runs = [Path(cfgs[n].output_dir) for n in ("teacher", "sft", "kd", "seqkd", "minillm")]
+    report = write_report([out / "eval", out / "toy", *runs], out / "report")
     timings["total"] = time.perf_counter() - t0
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     stage_times = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
