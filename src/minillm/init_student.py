@@ -30,7 +30,7 @@ import torch
 
 from minillm.config import ModelConfig
 from minillm.errors import UserError
-from minillm.models import _split_gguf, load_model, save_student
+from minillm.models import load_model, save_student, split_gguf
 
 log = logging.getLogger("minillm")
 
@@ -61,7 +61,7 @@ def kept_layers(n_teacher: int, n_student: int) -> list[int]:
 def _load_config(source: str) -> Any:
     from transformers import AutoConfig
 
-    where, extra = _split_gguf(source)
+    where, extra = split_gguf(source)
     try:
         return AutoConfig.from_pretrained(where, **extra)
     except (OSError, ValueError) as e:
@@ -73,7 +73,7 @@ def _load_tokenizer(source: str) -> Any:
     """The teacher's tokenizer as stored (no pad token added: the student gets the same files)."""
     from transformers import AutoTokenizer
 
-    where, extra = _split_gguf(source)
+    where, extra = split_gguf(source)
     try:
         return AutoTokenizer.from_pretrained(where, **extra)
     except (OSError, ValueError) as e:
@@ -130,7 +130,7 @@ def init_student(source: str, layers: int, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
-    teacher_dir = Path(_split_gguf(source)[0])  # a GGUF file's folder, or the teacher's own folder
+    teacher_dir = Path(split_gguf(source)[0])  # a GGUF file's folder, or the teacher's own folder
     if teacher_dir.exists() and out.resolve() == teacher_dir.resolve():
         raise UserError(f"--out: {out} would overwrite the teacher {source}; pick another folder")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RECORD).exists())):

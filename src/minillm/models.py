@@ -53,7 +53,8 @@ def autocast_dtype(train_dtype: str, device: torch.device) -> torch.dtype | None
     return None if train_dtype == "float32" else _DTYPES[train_dtype]
 
 
-def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
+def split_gguf(path: str) -> tuple[str, dict[str, Any]]:
+    """A ``.gguf`` path -> (its folder, ``{"gguf_file": name}``); any other path -> (path, {})."""
     p = Path(path)
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -83,7 +84,7 @@ def load_tokenizer(cfg: ModelConfig, key: str) -> Any:
     source = cfg.tokenizer or cfg.path
     if source is None:
         raise UserError(f"{key}.path: is required")
-    where, extra = _split_gguf(source)
+    where, extra = split_gguf(source)
     try:
         tok = AutoTokenizer.from_pretrained(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra)
     except (OSError, ValueError) as e:
@@ -105,7 +106,7 @@ def load_model(cfg: ModelConfig, key: str, device: torch.device, role: str) -> A
 
     if cfg.path is None:
         raise UserError(f"{key}.path: is required")
-    where, extra = _split_gguf(cfg.path)
+    where, extra = split_gguf(cfg.path)
     if extra:
         extra.update(_gguf_dequantize())
     dtype = resolve_dtype(cfg.dtype, device, role)

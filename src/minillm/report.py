@@ -32,6 +32,7 @@ from urllib.parse import quote
 import yaml
 
 from minillm.errors import UserError
+from minillm.eval.runner import format_cell
 
 log = logging.getLogger("minillm")
 
@@ -476,10 +477,7 @@ def _cell(value: Any) -> tuple[float, float] | None:
 
 
 def _fmt_cell(cell: tuple[float, float] | None, metric: str) -> str:
-    if cell is None:
-        return "n/a"
-    digits = 3 if metric == "lm_loss" else 2
-    return f"{cell[0]:.{digits}f} ± {cell[1]:.{digits}f}"
+    return format_cell({"mean": cell[0], "std": cell[1]} if cell is not None else None, metric)
 
 
 def eval_tables(results: dict[str, Any], where: Path) -> dict[str, tuple[list[str], dict[str, dict[str, Any]]]]:

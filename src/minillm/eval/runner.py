@@ -137,7 +137,8 @@ def aggregate(per_seed: dict[str, dict[str, float | None]]) -> dict[str, dict[st
     return out
 
 
-def _fmt(cell: dict[str, float] | None, metric: str) -> str:
+def format_cell(cell: dict[str, float] | None, metric: str) -> str:
+    """'mean ± std' of a summary cell (3 decimals for the LM loss, 2 otherwise); 'n/a' when missing."""
     if cell is None:
         return "n/a"
     digits = 3 if metric == "lm_loss" else 2
@@ -149,7 +150,7 @@ def markdown_table(summary: dict[str, dict[str, dict[str, Any]]], sets: Sequence
     header = ["model"] + [f"{s} {LABELS.get(m, m)}" for s in sets for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for model, by_set in summary.items():
-        cells = [_fmt(by_set.get(s, {}).get(m), m) for s in sets for m in metrics]
+        cells = [format_cell(by_set.get(s, {}).get(m), m) for s in sets for m in metrics]
         lines.append("| " + " | ".join([model, *cells]) + " |")
     return "\n".join(lines)
 
