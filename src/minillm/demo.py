@@ -44,7 +44,7 @@ class DemoSize:
 # quick and default are sized for 2 CPU cores (about 20 s and 75 s); large is for a GPU
 QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100)
 FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300)
-LARGE = DemoSize(20000, 500, 500, (6, 256), (2, 96), 3000, 1500, 600, 256, (10, 20, 30, 40, 50), 500)
+LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300)
 SIZES = {"quick": QUICK, "default": FULL, "large": LARGE}
 
 

@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ class TrainState:
     best_step: int | None = None
     exp: Experience | None = None  # unfinished experience (PPO passes still to run)
     next_update: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def train(cfg: Config, progress: Any = None) -> Path:
