@@ -77,3 +77,28 @@ def test_warm_up_is_undone_exactly() -> None:
         a = sample(model, prompts, seeds, engine="eager", **kw)
         b = engine_sample(model, prompts, seeds, use_graph=False, warm_up_steps=3, **kw)
         assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_auto_engine_falls_back_to_the_plain_loop_with_a_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`auto` tries the static engine (on CUDA); for a model it cannot run, it warns once and the
+    plain loop draws the same tokens. An explicit `static` raises instead."""
+    import minillm.engine
+    import minillm.rollout as rollout
+
+    tok, V, student, _, _ = _models()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("static cache not supported by this architecture")
+
+    monkeypatch.setattr(minillm.engine, "engine_sample", broken)
+    monkeypatch.setattr(rollout, "_STATIC_FAILED", [])
+    kw = dict(max_new_tokens=6, stop_ids=[tok.eos_token_id], pad_id=0, vocab_size=V)
+    prompts, seeds = [[5, 6], [7]], row_seeds(1, [0, 1])
+    with pytest.raises(RuntimeError, match="static cache"):
+        sample(student, prompts, seeds, engine="static", **kw)
+    monkeypatch.setattr(rollout, "_auto_engine", lambda device: "static" if not rollout._STATIC_FAILED else "eager")
+    with caplog.at_level("WARNING", logger="minillm"):
+        got = sample(student, prompts, seeds, engine="auto", **kw)
+    assert "failed" in caplog.text and rollout._STATIC_FAILED
+    want = sample(student, prompts, seeds, engine="eager", **kw)
+    assert torch.equal(got.response_ids, want.response_ids)

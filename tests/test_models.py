@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config_dict
 
+from conftest import tiny_config_dict
 from minillm.config import config_from_dict
 from minillm.errors import UserError
 from minillm.models import check_same_vocabulary, vocab_logits

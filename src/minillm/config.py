@@ -137,7 +137,7 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus sampling mass; 1 disables
     max_new_tokens: int = 256  # response budget (also capped by data.max_len - prompt length)
     no_repeat_ngram_size: int = 0  # forbid repeating n-grams (evaluation option; plain loop only)
-    engine: str = "auto"  # auto: static caches + CUDA graphs on GPU, plain loop on CPU; or eager / static
+    engine: str = "auto"  # auto: static caches + CUDA graphs on GPU (plain loop, with a warning, for a model they cannot run), plain loop on CPU; or eager / static
 
     def __post_init__(self) -> None:
         _check(self.engine in ("auto", "eager", "static"), "generation.engine", "must be auto, eager or static")

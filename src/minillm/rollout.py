@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from minillm.data.instruct import collate_prompts
+
+log = logging.getLogger("minillm")
+_STATIC_FAILED: list[str] = []  # models for which the static engine failed in this process (auto falls back)
+
+
+def _auto_engine(device: torch.device) -> str:
+    """``generation.engine: auto``: the static-cache graph engine on CUDA (unless it already failed)."""
+    return "static" if device.type == "cuda" and not _STATIC_FAILED else "eager"
 
 
 @dataclass
@@ -167,16 +176,23 @@ def sample(
     step on GPU: :mod:`minillm.engine`) or "auto" (static on CUDA, eager elsewhere).
     """
     device = next(model.parameters()).device
-    if engine == "auto":
-        engine = "static" if device.type == "cuda" else "eager"
-    if engine == "static" and not no_repeat_ngram_size:
+    chosen = _auto_engine(device) if engine == "auto" else engine
+    if chosen == "static" and not no_repeat_ngram_size:
         from minillm.engine import engine_sample
 
-        return engine_sample(
-            model, prompts, seeds, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-            vocab_size=vocab_size, teacher=teacher, alpha=alpha, temperature=temperature, top_k=top_k,
-            top_p=top_p, autocast=autocast,
-        )
+        try:
+            return engine_sample(
+                model, prompts, seeds, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                vocab_size=vocab_size, teacher=teacher, alpha=alpha, temperature=temperature, top_k=top_k,
+                top_p=top_p, autocast=autocast,
+            )
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+            if engine != "auto" or isinstance(e, ValueError) and "teacher" in str(e):
+                raise
+            # a model whose forward cannot run on a static cache / in a graph: say so once, then decode eagerly
+            _STATIC_FAILED.append(type(model).__name__)
+            log.warning("generation.engine=auto: the static-cache engine failed for %s (%s); using the plain loop "
+                        "(set generation.engine=eager to skip the attempt)", type(model).__name__, str(e).splitlines()[0][:200])
     ids_BP, attn_BP = collate_prompts(prompts, pad_id)
     ids_BP, attn_BP = ids_BP.to(device), attn_BP.to(device)
     B = ids_BP.shape[0]
