@@ -219,3 +219,20 @@ def test_shipped_configs_load(path: Path) -> None:
     cfg = load_config(path)
     if cfg.student.path is not None and cfg.data.train is not None:
         cfg.validate_for_training()  # a training config must also pass the training-time checks
+
+
+def test_errors_from_overrides_name_the_command_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A bad key or value given on the command line is reported as such, not as a line of the file."""
+    p = tmp_path / "c.yaml"
+    p.write_text("method: sft\ntrain:\n  lr: 1.0e-4\n")
+    for override, expected in [
+        ("trian.lr=3", "command-line override 'trian.lr=3': unknown key 'trian'; did you mean 'train'?"),
+        ("train.lr=abc", "command-line override 'train.lr=abc': train.lr: expected a number"),
+        ("minillm.alpha=1.5", "command-line override 'minillm.alpha=1.5': minillm.alpha: must lie in [0, 1)"),
+    ]:
+        with pytest.raises(UserError) as err:
+            load_config(p, [override])
+        assert str(err.value).startswith(expected)
+    with pytest.raises(UserError, match=r"c\.yaml:3: train\.lr"):
+        p.write_text("method: sft\ntrain:\n  lr: abc\n")
+        load_config(p)

@@ -360,13 +360,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {inner} at {key}")  # a bug in this module, not user input
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str, lines: dict[str, int], source: str) -> Any:
+def _loc(lines: dict[str, int | str], key: str, source: str) -> str:
+    """Where ``key`` was set: ``file:line: ``, ``command-line override: `` or ``file: ``."""
+    where = lines.get(key)
+    if isinstance(where, str):
+        return f"{where}: "
+    if where is not None:
+        return f"{source}:{where}: "
+    return f"{source}: " if source else ""
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, lines: dict[str, int | str], source: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for k, v in values.items():
         dotted = f"{prefix}{k}"
-        loc = f"{source}:{lines[dotted]}: " if dotted in lines else (f"{source}: " if source else "")
+        loc = _loc(lines, dotted, source)
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"
@@ -381,13 +391,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str, lines: dict[str, int]
                 kwargs[k] = _coerce(v, tp, dotted)
         except UserError as e:
             msg = str(e)
-            raise UserError(msg if msg.startswith(source or "\0") else f"{loc}{msg}") from None
+            located = msg.startswith(source or "\0") or msg.startswith("command-line override")
+            raise UserError(msg if located else f"{loc}{msg}") from None
     try:
         return cls(**kwargs)
     except UserError as e:
         key = str(e).split(":", 1)[0]
         full = key if key.startswith(prefix) or not prefix else f"{prefix}{key}"
-        loc = f"{source}:{lines[full]}: " if full in lines else (f"{source}: " if source else "")
+        loc = _loc(lines, full, source)
         msg = str(e) if key.startswith(prefix) or not prefix else f"{prefix}{e}"
         raise UserError(f"{loc}{msg}") from None
 
@@ -423,7 +434,7 @@ def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any], source: str = "", lines: dict[str, int] | None = None) -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "", lines: dict[str, int | str] | None = None) -> Config:
     """Build and validate a :class:`Config` from a nested dict."""
     return _build(Config, data, "", lines or {}, source)
 
@@ -452,7 +463,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         data = loaded
         lines = _yaml_lines(text)
     merge_overrides(data, overrides or [])
-    return config_from_dict(data, source, lines)
+    where: dict[str, int | str] = dict(lines)
+    for item in overrides or []:
+        path, _ = parse_override(item)
+        for i in range(1, len(path) + 1):  # errors about an overridden key name the command line
+            key = ".".join(path[:i])
+            if i == len(path) or key not in where:
+                where[key] = f"command-line override {item!r}"
+    return config_from_dict(data, source, where)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
