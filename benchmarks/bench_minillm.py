@@ -95,8 +95,8 @@ def main() -> None:
         ctx = torch.autocast("cuda", dtype=autocast) if autocast and model is student else torch.autocast("cpu", enabled=False)
         with ctx:
             out = model(input_ids=seq["input_ids"][rows], attention_mask=seq["attention_mask"][rows],
-                        position_ids=seq["position_ids"][rows], use_cache=False)
-        return response_logits(out.logits, P, ids.shape[1])
+                        position_ids=seq["position_ids"][rows], use_cache=False, logits_to_keep=ids.shape[1] + 1)
+        return response_logits(out.logits, 1, ids.shape[1])  # as MiniLLM._pair_logits: no prompt logits
 
     @torch.no_grad()
     def score():

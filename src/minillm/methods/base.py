@@ -14,6 +14,7 @@ The loop (``minillm.trainer``) calls, in order:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,14 +65,21 @@ class Method:
         raise NotImplementedError
 
     # -- shared pieces --------------------------------------------------------------------------
-    def forward_logits(self, model: Any, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-sequence logits ``(B, L, V)`` cut to the shared vocabulary, under autocast on GPU."""
+    def forward_logits(
+        self, model: Any, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor | None = None, keep: int = 0
+    ) -> torch.Tensor:
+        """Logits ``(B, L, V)`` cut to the shared vocabulary, under autocast on GPU; with ``keep`` > 0
+        only the last ``keep`` positions ``(B, keep, V)`` are computed (the prompt's logits are never
+        materialised when only the response needs them)."""
         dev = self.models.device
         ctx = torch.autocast(dev.type, dtype=self.autocast) if self.autocast and model is self.models.student else contextlib.nullcontext()
-        kwargs = {"position_ids": pos.to(dev)} if pos is not None else {}
+        kwargs: dict[str, Any] = {"position_ids": pos.to(dev)} if pos is not None else {}
+        if keep and _takes_logits_to_keep(model):
+            kwargs["logits_to_keep"] = keep
         with ctx:
             out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False, **kwargs)
-        return vocab_logits(out.logits, self.models.vocab_size)
+        logits = out.logits[:, -keep:] if keep else out.logits
+        return vocab_logits(logits, self.models.vocab_size)
 
     def pt_coef(self) -> float:
         """Weight of the pre-training LM term (0 without a corpus)."""
@@ -110,6 +118,10 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.data.pretrain is not None and "pretrain" in state:
             self.data.pretrain.load_state_dict(state["pretrain"])
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -153,9 +153,12 @@ class MiniLLM(Method):
         return rows, stats
 
     def _pair_logits(self, model: Any, mb: Batch) -> torch.Tensor:
+        """Logits ``(B, R, V)`` predicting the response tokens; the prompt positions' logits are not computed."""
         seq = sequence_batch(mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], mb["response_mask"])
-        logits = self.forward_logits(model, seq["input_ids"], seq["attention_mask"], seq["position_ids"])
-        return response_logits(logits, mb["prompt_ids"].shape[1], mb["response_ids"].shape[1])
+        R = mb["response_ids"].shape[1]
+        # the last R + 1 positions are P - 1 .. P + R - 1; the first R of them predict the response
+        logits = self.forward_logits(model, seq["input_ids"], seq["attention_mask"], seq["position_ids"], keep=R + 1)
+        return response_logits(logits, 1, R)
 
     # -- plan ----------------------------------------------------------------------------------
     def collect(self, step: int) -> Experience:
