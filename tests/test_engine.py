@@ -68,6 +68,7 @@ def test_unknown_alpha_without_teacher_raises() -> None:
 def test_warm_up_is_undone_exactly() -> None:
     """Graph capture first runs warm-up steps and rewinds them; the draw must not change."""
     from minillm.engine import engine_sample
+    from minillm.rollout import Decoding
 
     tok, V, student, teacher, llama = _models()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
@@ -75,7 +76,8 @@ def test_warm_up_is_undone_exactly() -> None:
     for model, t, alpha in [(student, teacher, 0.2), (llama, None, 0.0)]:
         kw = dict(max_new_tokens=10, stop_ids=[tok.eos_token_id], pad_id=0, vocab_size=V, teacher=t, alpha=alpha)
         a = sample(model, prompts, seeds, engine="eager", **kw)
-        b = engine_sample(model, prompts, seeds, use_graph=False, warm_up_steps=3, **kw)
+        d = Decoding(10, (tok.eos_token_id,), 0, V, alpha=alpha)
+        b = engine_sample(model, prompts, seeds, d, t, use_graph=False, warm_up_steps=3)
         assert torch.equal(a.response_ids, b.response_ids)
 
 

@@ -8,8 +8,8 @@ preallocated length under a mask, which can move logits by float rounding, so in
 draw may rarely differ. On CPU (no graphs) it runs the same static-cache step eagerly, which is how
 the tests check it against the plain loop.
 
-Use: ``engine_sample(...)`` with the arguments of ``sample``; ``rollout.sample(..., engine="static")``
-routes here.
+Use: ``rollout.sample(..., engine="static")`` (or ``auto`` on CUDA) routes here with a
+:class:`minillm.rollout.Decoding`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.data.instruct import collate_prompts
+from minillm.rollout import Decoding, Rollout, filter_logprobs, hashed_uniform
 
 
 def _static_cache(model: Any, max_len: int) -> Any:
@@ -60,28 +61,20 @@ def engine_sample(
     model: Any,
     prompts: Sequence[Sequence[int]],
     seeds: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    pad_id: int,
-    vocab_size: int,
+    d: Decoding,
     teacher: Any = None,
-    alpha: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    autocast: torch.dtype | None = None,
+    *,
     use_graph: bool | None = None,
     check_every: int = 16,
     warm_up_steps: int = 0,
-) -> Any:
+) -> Rollout:
     """Static-cache (and, on CUDA, graph-replayed) version of :func:`minillm.rollout.sample`.
 
     ``warm_up_steps`` (eager path only) runs and undoes that many steps first, as graph capture
     does: the tests use it to check that the undo is exact on CPU.
     """
-    from minillm.rollout import Rollout, filter_logprobs, hashed_uniform
-
+    max_new_tokens, stop_ids, pad_id, vocab_size = d.max_new_tokens, d.stop_ids, d.pad_id, d.vocab_size
+    alpha, temperature, top_k, top_p, autocast = d.alpha, d.temperature, d.top_k, d.top_p, d.autocast
     device = next(model.parameters()).device
     use_graph = device.type == "cuda" if use_graph is None else use_graph
     ids_BP, attn_BP = collate_prompts(prompts, pad_id)

@@ -48,6 +48,21 @@ class Rollout:
         return self.response_mask.sum(-1)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """The settings of one decode besides models, prompts and seeds (see :func:`sample`)."""
+
+    max_new_tokens: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    vocab_size: int
+    alpha: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    autocast: torch.dtype | None = None
+
+
 # --- counter-based sampling noise -------------------------------------------------------------
 
 _M64 = (1 << 64) - 1
@@ -181,11 +196,8 @@ def sample(
         from minillm.engine import engine_sample
 
         try:
-            return engine_sample(
-                model, prompts, seeds, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                vocab_size=vocab_size, teacher=teacher, alpha=alpha, temperature=temperature, top_k=top_k,
-                top_p=top_p, autocast=autocast,
-            )
+            d = Decoding(max_new_tokens, tuple(stop_ids), pad_id, vocab_size, alpha, temperature, top_k, top_p, autocast)
+            return engine_sample(model, prompts, seeds, d, teacher)
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
             if engine != "auto" or isinstance(e, ValueError) and "teacher" in str(e):
                 raise
