@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from conftest import tiny_config_dict
 from minillm.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 @pytest.fixture(autouse=True)
@@ -23,11 +24,8 @@ def _quiet_state() -> Any:
     """The CLI installs its own logging handlers; give the next test pytest's back."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
     yield
     root.handlers[:], root.level = handlers, level
-    torch.set_num_threads(threads)
 
 
 def invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -7,7 +7,6 @@ import http.server
 import json
 import math
 import statistics
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config_dict
+from conftest import loopback_server, reply_json, tiny_config_dict
 from minillm.eval.calibration import ChoiceRecord, choice_probabilities
 from minillm.eval.exposure import Samples, accumulated_kl, exposure_bias
 from minillm.eval.metrics import rouge_l
@@ -146,11 +145,7 @@ class _CannedJudge(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         paired = "[Answer 1]" in body["messages"][-1]["content"]  # with a reference: two ratings
-        data = json.dumps({"choices": [{"message": {"content": "8 6" if paired else "8"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_json(self, 200, {"choices": [{"message": {"content": "8 6" if paired else "8"}}]})
 
     def log_message(self, *args: object) -> None:
         pass
@@ -158,11 +153,8 @@ class _CannedJudge(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def loopback_judge() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CannedJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"openai:canned@http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_server(_CannedJudge) as url:
+        yield f"openai:canned@{url}"
 
 
 def test_run_eval_two_models_with_exposure_calibration_and_judge(tiny_task: dict[str, Path], tmp_path: Path, loopback_judge: str) -> None:

@@ -6,12 +6,12 @@ import http.server
 import json
 import math
 import random
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import loopback_server, reply_json
 from minillm.errors import UserError
 from minillm.eval import (
     distinct_n,
@@ -252,12 +252,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         type(self).requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
         status = type(self).statuses.pop(0) if type(self).statuses else 200
         payload = {"choices": [{"message": {"role": "assistant", "content": "9 7\nclear and correct"}}]}
-        data = json.dumps(payload if status == 200 else {"error": "nope"}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        reply_json(self, status, payload if status == 200 else {"error": "nope"})
 
     def log_message(self, *args: object) -> None:
         pass
@@ -267,12 +262,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def judge_server() -> Iterator[str]:
     """A canned OpenAI-compatible server on the loopback interface only."""
     _Handler.requests, _Handler.statuses = [], []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_server(_Handler) as url:
+        yield url
 
 
 def test_openai_compatible_judge_against_a_loopback_server(judge_server: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,13 +30,7 @@ SECTIONS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from threads, and on a shared machine spinning threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def cfg_for(task: dict[str, Path], out: Path, variant: str, **train_over: Any) -> Any:

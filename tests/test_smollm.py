@@ -50,14 +50,6 @@ def real_teacher(test: Any) -> Any:
 STUDENT_LAYERS = 6  # of the teacher's 30: kept layers [0, 6, 12, 17, 23, 29]
 
 
-@pytest.fixture()
-def one_thread() -> Any:
-    """One torch thread: these matmuls (width 576, batch 4) gain little from a second thread, and on
-    shared cores OpenMP's spin-waiting made two threads ~5x slower (measured: 510 s against 107 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _chat_ids(tok: Any, text: str) -> torch.Tensor:

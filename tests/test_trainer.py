@@ -19,14 +19,7 @@ from minillm.methods.sft import SFT
 from minillm.models import load_models
 from minillm.trainer import build_optimizer, optimise, resolve_max_steps, token_counts, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from threads, and on a shared machine spinning threads cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def read_rows(out: Path) -> list[dict[str, Any]]:

@@ -641,6 +641,13 @@ def _config_method(text: str | None) -> str | None:
     return m.group(1) if m else None
 
 
+def _figure_section(doc: Doc, title: str, file: str, caption: str, header: list[str], rows: list[list[str]]) -> None:
+    """A section of one plot (already written to ``file``) and the table of its end points."""
+    doc.heading(title)
+    doc.image(file, caption)
+    doc.table(header, rows)
+
+
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     """Write ``report.html``, ``report.md`` and their PNGs into ``out``; return the HTML path.
 
@@ -685,25 +692,27 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     for i, ev in enumerate(src.evals):
         curves = _exposure(ev, src.warnings)
         if curves:
-            doc.heading(f"Exposure bias ({ev.name})")
             file = f"exposure_bias_{i:02d}_{_slug(ev.name)}.png"
             plot_exposure_bias(curves, out / file)
-            doc.image(file, "ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100 by generation length l, per model")
-            doc.table(["model", "l_max", "ExAccErr(l_max) %", "R(l_max)", "eps(l_max)"],
-                      [[m, str(d["lengths"][-1]), _num(d["ex_acc_err"][-1], ".2f"), _num(_last(d.get("R")), ".4f"),
-                        _num(_last(d.get("eps")), ".4f")] for m, (_, _, d) in curves.items()])
+            _figure_section(
+                doc, f"Exposure bias ({ev.name})", file,
+                "ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100 by generation length l, per model",
+                ["model", "l_max", "ExAccErr(l_max) %", "R(l_max)", "eps(l_max)"],
+                [[m, str(d["lengths"][-1]), _num(d["ex_acc_err"][-1], ".2f"), _num(_last(d.get("R")), ".4f"),
+                  _num(_last(d.get("eps")), ".4f")] for m, (_, _, d) in curves.items()])
             settings = ev.results.get("exposure_settings")
             if isinstance(settings, dict):
                 doc.para("settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "note")
         cal = _calibration(ev, src.warnings)
         if cal:
-            doc.heading(f"Calibration ({ev.name})")
             file = f"calibration_{i:02d}_{_slug(ev.name)}.png"
             plot_calibration(cal, out / file)
-            doc.image(file, "reliability diagrams: accuracy (bars) vs mean confidence (red outline) per bin")
-            doc.table(["model", "ECE", "accuracy", "mean confidence", "n"],
-                      [[m, f"{c['ece']:.4f}", _num(c.get("accuracy"), ".4f"), _num(c.get("mean_confidence"), ".4f"),
-                        str(int(sum(b["count"] for b in c["bins"])))] for m, c in cal.items()])
+            _figure_section(
+                doc, f"Calibration ({ev.name})", file,
+                "reliability diagrams: accuracy (bars) vs mean confidence (red outline) per bin",
+                ["model", "ECE", "accuracy", "mean confidence", "n"],
+                [[m, f"{c['ece']:.4f}", _num(c.get("accuracy"), ".4f"), _num(c.get("mean_confidence"), ".4f"),
+                  str(int(sum(b["count"] for b in c["bins"])))] for m, c in cal.items()])
 
     if src.toys:
         doc.heading("Forward vs reverse KL (toy)")
