@@ -408,3 +408,25 @@ def test_load_run_data_with_valid_file_and_no_usable_example(tmp_path: Path, tok
     assert len(data.train) == 3 and len(data.valid) == 1
     with pytest.raises(UserError, match=r"data.train: no usable example .* 3 prompts over data.max_prompt_len=2"):
         load_run_data(load_config(None, [*base, "data.max_prompt_len=2"]), tok)
+
+
+def test_demo_task_is_deterministic_with_three_kinds_and_a_long_subset(tmp_path: Path) -> None:
+    from minillm.data.task import make_examples, write_task
+
+    a = write_task(tmp_path / "a", seed=3, n_train=200, n_valid=20, n_test=60, n_pretrain=10)
+    b = write_task(tmp_path / "b", seed=3, n_train=200, n_valid=20, n_test=60, n_pretrain=10)
+    c = write_task(tmp_path / "c", seed=4, n_train=200, n_valid=20, n_test=60, n_pretrain=10)
+    for name in ("train", "valid", "test", "test_long", "pretrain"):
+        assert a[name].read_bytes() == b[name].read_bytes()  # same seed, same files
+    assert a["train"].read_bytes() != c["train"].read_bytes()
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
+    train, test, long = read(a["train"]), read(a["test"]), read(a["test_long"])
+    assert {r["kind"] for r in train} == {"exact", "open", "long"}
+    assert all(r["response"] in r["references"] for r in train)
+    assert any(len(r["references"]) > 1 for r in train if r["kind"] == "open")  # several right answers
+    assert long == [r for r in test if r["kind"] == "long"] and long
+    assert read(a["valid"]) != train[:20]  # splits are drawn independently
+    mean_words = lambda kind: sum(len(r["response"].split()) for r in train if r["kind"] == kind) / sum(  # noqa: E731
+        r["kind"] == kind for r in train)
+    assert mean_words("long") > 2 * mean_words("exact")
+    assert make_examples(5, 9) == make_examples(5, 9)

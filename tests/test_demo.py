@@ -41,7 +41,7 @@ def test_demo_quick_runs_reports_and_reuses_stages(tmp_path: Path, capsys: pytes
 def test_every_study_size_builds_valid_configs(size: str, tmp_path: Path) -> None:
     from minillm.demo import SIZES, study_configs
 
-    data = {k: tmp_path / f"{k}.jsonl" for k in ("train", "valid", "test")}
+    data = {k: tmp_path / f"{k}.jsonl" for k in ("train", "valid", "test", "test_long")}
     cfgs = study_configs(tmp_path, SIZES[size], tmp_path / "models", data, "cpu", 10)
     assert cfgs["minillm"].student.path.endswith("sft/best")  # MiniLLM starts from the SFT student
     assert cfgs["kd"].student.path == cfgs["sft"].student.path == cfgs["seqkd"].student.path  # one start

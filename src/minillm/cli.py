@@ -108,7 +108,7 @@ def eval_cmd(config: str, overrides: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.option("--out", default="minillm-demo", show_default=True, help="Folder for the run folders and the report.")
-@click.option("--quick", is_flag=True, help="Same as --size quick (about 20 seconds on 2 CPU cores).")
+@click.option("--quick", is_flag=True, help="Same as --size quick (about 35 seconds on 2 CPU cores).")
 @click.option("--size", type=click.Choice(["quick", "default", "large"]), default=None,
               help="Study size: quick and default fit a laptop's CPU; large is meant for --device cuda.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")

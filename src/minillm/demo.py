@@ -8,7 +8,8 @@ Stages (each reused on a rerun when its config is unchanged and it finished):
    word-level KD, SeqKD (SFT on teacher samples), and MiniLLM (initialised from the SFT student,
    as in the paper, with the paper's switches; the pre-training term is off because the task has
    no general ability to protect - `data.pretrain` turns it on for real runs);
-4. evaluation of every model over several sampling seeds (:mod:`minillm.eval.runner`);
+4. evaluation of every model over several sampling seeds (:mod:`minillm.eval.runner`), on the
+   whole test split and on its long-answer prompts, where exposure bias (ExAccErr) is measured;
 5. the paper's Figure 2 (:mod:`minillm.toy`) and the report (:mod:`minillm.report`).
 """
 
@@ -39,12 +40,13 @@ class DemoSize:
     rollouts: int
     seeds: tuple[int, ...]
     eval_examples: int
+    exposure_prompts: int
 
 
-# quick and default are sized for 2 CPU cores (about 20 s and 75 s); large is for a GPU
-QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100)
-FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300)
-LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300)
+# quick and default are sized for 2 CPU cores (about 35 s and 2 min); large is for a GPU
+QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100, 32)
+FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300, 64)
+LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300, 90)
 SIZES = {"quick": QUICK, "default": FULL, "large": LARGE}
 
 
@@ -113,9 +115,13 @@ def study_configs(out: Path, size: DemoSize, init: Path, data: dict[str, Path], 
     }
     models = {name: str(runs / name / "best") for name in ("teacher", "sft", "kd", "seqkd", "minillm")}
     raw["eval"] = _merge(base, output_dir=str(out), teacher={"path": str(teacher)},
-                         eval={"models": models, "test": {"task": str(data["test"])}, "seeds": list(size.seeds),
-                               "max_examples": size.eval_examples, "batch_size": 32, "exposure_bias": True,
-                               "exposure_samples": 2, "exposure_max_prompts": 16, "out": str(out / "eval")})
+                         eval={"models": models, "test": {"task": str(data["test"]), "long": str(data["test_long"])},
+                               "seeds": list(size.seeds), "max_examples": size.eval_examples, "batch_size": 32,
+                               # ExAccErr where generations are long: the long-answer prompts, each draw
+                               # to its EOS (the longest answer is 21 tokens + EOS), 8 draws per prompt
+                               "exposure_bias": True, "exposure_test": "long", "exposure_stop_at_eos": True,
+                               "exposure_max_len": 24, "exposure_samples": 8, "exposure_max_prompts": size.exposure_prompts,
+                               "out": str(out / "eval")})
     cfgs = {name: config_from_dict(d) for name, d in raw.items()}
     for name in ("teacher", "sft", "kd", "seqkd", "minillm"):
         cfgs[name].validate_for_training()

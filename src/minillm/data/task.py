@@ -113,11 +113,16 @@ def pretrain_sentences(rng: random.Random, n: int) -> list[str]:
 
 
 def write_task(out: Path, seed: int, n_train: int, n_valid: int, n_test: int, n_pretrain: int = 400) -> dict[str, Path]:
-    """Write train / valid / test JSONL and a pre-training text corpus under ``out``."""
+    """Write train / valid / test JSONL and a pre-training text corpus under ``out``.
+
+    Also ``test_long.jsonl``: the ``long`` records of the test split, the prompts on which exposure
+    bias is measured (the other kinds end within a few tokens)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for offset, (name, n) in enumerate((("train", n_train), ("valid", n_valid), ("test", n_test))):
-        recs = make_examples(n, seed * 1000 + offset)
+    splits = {name: make_examples(n, seed * 1000 + offset)
+              for offset, (name, n) in enumerate((("train", n_train), ("valid", n_valid), ("test", n_test)))}
+    splits["test_long"] = [r for r in splits["test"] if r["kind"] == "long"]
+    for name, recs in splits.items():
         paths[name] = out / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in recs))
     paths["pretrain"] = out / "pretrain.txt"
