@@ -67,6 +67,19 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "OVERRIDES" in out
 
 
+def test_version_and_a_light_package_import(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    import minillm
+
+    assert minillm.__version__ == version("minillm")
+    code, out, _ = invoke(["--version"], capsys)
+    assert code == 0 and minillm.__version__ in out
+    # `import minillm` alone must not pay for torch (the CLI's --help stays fast)
+    probe = "import sys, minillm; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("method", ["sft", "minillm"])
 def test_train_writes_metrics_and_final(method: str, tiny_task: dict[str, Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
