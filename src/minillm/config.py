@@ -164,7 +164,7 @@ class MiniLLMConfig:
     single_step_weight: bool = True  # weight the single-step KL by w_t (paper); the reference code does not
     include_current_reward: bool = False  # reference code: the return includes r_t itself
     whiten: bool = False  # reference code: whiten advantages over the rollout batch
-    reward_scale: float = 1.0  # reference code: 0.5
+    reward_scale: float = 1.0  # rewards are multiplied by this; reference code: 2 (it divides by its --reward-scaling 0.5)
     reward_clip: float | None = None  # reference code: 100
     pt_kd_ratio: float = 0.0  # reference code mixes 0.5 LM + 0.5 forward KD on the pre-training batch
 

@@ -5,9 +5,10 @@ collect(step) = three named phases:
 * **rollout**: sample ``rollouts_per_step`` responses from p~ = (1 - a) q + a p, each prompt with
   its own seed (:mod:`minillm.rollout`);
 * **score**: one teacher-forced forward of student and teacher over each response gives
-  log q_old(y_t), log p(y_t), the reward r_t = log p - log q_old, the importance weight
-  w_t = q_old(y_t) / p~(y_t) and the detached advantage A_t = R_{t+1} (length-normalised,
-  discounted from the response start; :func:`minillm.losses.future_returns`);
+  log q_old(y_t), log p(y_t), the reward r_t = log p - log q_old and the detached advantage
+  A_t = R_{t+1} (length-normalised, discounted from the response start;
+  :func:`minillm.losses.future_returns`); the importance weight w_t = q(y_t) / p~(y_t) is the
+  rollout's own, recorded when y_t was drawn;
 * **plan**: ``ppo_epochs`` shuffled passes, each cut into optimizer steps of
   ``train.batch_size * train.grad_accum`` rollouts.
 
@@ -40,7 +41,7 @@ class _Row:
     prompt: list[int]
     response: torch.Tensor  # (R,)
     logq_old: torch.Tensor
-    logmix: torch.Tensor
+    logw: torch.Tensor  # log w_t = log q(y_t) - log p~(y_t), both recorded when y_t was drawn
     advantage: torch.Tensor
 
 
@@ -63,7 +64,7 @@ def collate_rollouts(rows: list[_Row], pad_id: int) -> Batch:
         "response_ids": pad(lambda r: r.response, pad_id, torch.long),
         "response_mask": pad(lambda r: torch.ones(len(r.response)), 0.0, torch.float32),
         "logq_old": pad(lambda r: r.logq_old, 0.0, torch.float32),
-        "logmix": pad(lambda r: r.logmix, 0.0, torch.float32),
+        "logw": pad(lambda r: r.logw, 0.0, torch.float32),
         "advantage": pad(lambda r: r.advantage, 0.0, torch.float32),
     }
 
@@ -86,7 +87,10 @@ class MiniLLM(Method):
 
     # -- rollout -------------------------------------------------------------------------------
     def rollout(self, step: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """Sample responses for the next ``rollouts_per_step`` prompts -> (prompt, response, logmix)."""
+        """Sample responses for the next ``rollouts_per_step`` prompts -> (prompt, response, log w).
+
+        log w_t = log q(y_t) - log p~(y_t) comes from the sampling pass itself, so the importance
+        weight is fixed at sampling time and is exactly 1 when a = 0 (p~ = q)."""
         items = [self.data.train[i] for i in self.sampler.take(self.m.rollouts_per_step)]
         g, d = self.cfg.generation, self.cfg.data
         out = []
@@ -103,7 +107,7 @@ class MiniLLM(Method):
             )
             for b, x in enumerate(batch):
                 n = min(int(r.response_mask[b].sum()), caps[b])
-                out.append((x.prompt_ids, r.response_ids[b, :n], r.logmix[b, :n]))
+                out.append((x.prompt_ids, r.response_ids[b, :n], r.logq[b, :n] - r.logmix[b, :n]))
         return out
 
     # -- score ---------------------------------------------------------------------------------
@@ -114,13 +118,13 @@ class MiniLLM(Method):
         rows, rewards_all, masks_all = [], [], []
         kl_sum = kl_n = seq_rkl = 0.0
         for batch in chunks([r for r in rollouts if len(r[1]) > 0], self.cfg.train.batch_size):
-            stub = [_Row(p, resp, torch.zeros(len(resp)), mix, torch.zeros(len(resp))) for p, resp, mix in batch]
+            stub = [_Row(p, resp, torch.zeros(len(resp)), logw, torch.zeros(len(resp))) for p, resp, logw in batch]
             mb = collate_rollouts(stub, self.pad_id)
             s_logits, t_logits = self._pair_logits(self.models.student, mb), self._pair_logits(self.models.teacher, mb)
             ids, mask = mb["response_ids"].to(s_logits.device), mb["response_mask"].to(s_logits.device)
             logq = token_logprobs(s_logits, ids) * mask
             logp = token_logprobs(t_logits, ids) * mask
-            w = torch.exp(logq - mb["logmix"].to(logq.device)) * mask
+            w = torch.exp(mb["logw"].to(logq.device)) * mask
             kl = per_token("reverse_kl", s_logits, t_logits)
             kl_sum += float((kl * w).sum())
             kl_n += float(mask.sum())
@@ -133,9 +137,9 @@ class MiniLLM(Method):
                 include_current=m.include_current_reward or not m.single_step,
             )
             rewards_all.append(((r * mask).sum(), mask.sum()))
-            for b, (p, resp, mix) in enumerate(batch):
+            for b, (p, resp, logw) in enumerate(batch):
                 n = len(resp)
-                rows.append(_Row(p, resp, logq[b, :n].cpu(), mix, adv[b, :n].cpu()))
+                rows.append(_Row(p, resp, logq[b, :n].cpu(), logw, adv[b, :n].cpu()))
                 masks_all.append(n)
         if m.whiten and rows:
             flat = torch.cat([r.advantage for r in rows])
@@ -184,8 +188,8 @@ class MiniLLM(Method):
         dev = s_logits.device
         ids, mask = batch["response_ids"].to(dev), batch["response_mask"].to(dev)
         logq = token_logprobs(s_logits, ids)
-        logq_old, logmix = batch["logq_old"].to(dev), batch["logmix"].to(dev)
-        w = torch.exp(logq_old - logmix) * mask
+        logq_old = batch["logq_old"].to(dev)
+        w = torch.exp(batch["logw"].to(dev)) * mask
         pg, clipped = clipped_pg(logq, logq_old, w, batch["advantage"].to(dev), m.clip)
         terms = {
             "pg": Term(pg, "response_mask"),
