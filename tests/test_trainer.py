@@ -17,7 +17,7 @@ from minillm.data import load_run_data
 from minillm.data.instruct import Encoded, collate_lm
 from minillm.methods.sft import SFT
 from minillm.models import load_models
-from minillm.trainer import build_optimizer, optimise, resolve_max_steps, token_counts, train
+from minillm.trainer import build_optimizer, loss_scaler, optimise, resolve_max_steps, token_counts, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
@@ -156,6 +156,35 @@ def test_accumulation_is_normalised_by_global_token_count(sft_parts: tuple[Confi
     naive = torch.cat([((catcher.grads[2][n] + catcher.grads[3][n]) / 2).flatten().double() for n in g_ref])
     ref = torch.cat([g_ref[n].flatten() for n in g_ref])
     assert float((naive - ref).norm() / ref.norm()) > 0.02  # measured: 0.054
+
+
+def test_loss_scaling_unscales_before_clipping_and_skips_an_overflowed_step(sft_parts: tuple[Config, Any, Any]) -> None:
+    """float16 autocast trains through a GradScaler: same update as unscaled, clipping on the true norm,
+    and a step whose scaled gradients overflow changes nothing but the scale."""
+    import copy
+
+    cfg, models, data = sft_parts
+    method, pad = SFT(cfg, models, data), models.tokenizer.pad_token_id
+    batch = [collate_lm(data.train[:4], pad)]
+
+    def run(scaler: torch.amp.GradScaler | None) -> tuple[dict[str, float], torch.nn.Module]:
+        model = copy.deepcopy(models.student)
+        out = optimise(method, model, batch, torch.optim.SGD(model.parameters(), lr=0.5), 0.1, scaler)
+        return out, model
+
+    assert not loss_scaler(method, models.student).is_enabled()  # float32 on CPU: no scaling
+    plain, m_plain = run(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled, m_scaled = run(scaler)
+    assert scaled["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5) and plain["grad_norm"] > 0.1  # clipped
+    for a, b in zip(m_plain.parameters(), m_scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert scaler.get_scale() == 2.0**12
+    overflow = torch.amp.GradScaler("cpu", init_scale=1e38)  # scaled gradients become inf
+    _, m_over = run(overflow)
+    for a, b in zip(models.student.parameters(), m_over.parameters()):
+        assert torch.equal(a, b)
+    assert overflow.get_scale() == pytest.approx(0.5e38)
 
 
 def test_token_counts() -> None:

@@ -95,7 +95,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step
     grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "auto"  # student compute dtype: auto = bf16 autocast on CUDA (fp32 master weights), fp32 on CPU
+    dtype: str = "auto"  # student compute: auto = bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 on CPU
     device: str = "auto"  # auto (CUDA when visible), cpu, cuda, cuda:N
     pt_coef: float = 1.0  # weight of the pre-training LM loss for non-MiniLLM methods (when data.pretrain is set)
     eval_every: int = 100  # validate every N optimizer steps (and at the end)

@@ -54,10 +54,11 @@ def train(cfg: Config, progress: Any = None) -> Path:
     model = models.student
     max_steps = resolve_max_steps(cfg, len(data.train))
     opt, sched = build_optimizer(cfg, model, max_steps)
+    scaler = loss_scaler(method, model)
     ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last)
     state = TrainState()
     if cfg.train.resume and (latest := ckpt.latest()) is not None:
-        state = restore(ckpt, latest, model, opt, sched, method)
+        state = restore(ckpt, latest, model, opt, sched, method, scaler)
         log.info("resumed from %s (step %d)", latest, state.step)
     metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step)
     select_key = "valid_rouge_l" if cfg.train.select_by == "rouge_l" else "valid_loss"
@@ -75,7 +76,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         micro_batches = state.exp.updates[state.next_update]
         state.next_update += 1
         model.train(method.dropout)
-        row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip)  # phase: loss, backward, step
+        row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip, scaler)  # phase: loss, backward, step
         sched.step()
         if state.next_update >= len(state.exp.updates):
             state.exp = None
@@ -92,7 +93,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         if progress is not None:
             progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
         if state.step % cfg.train.save_every == 0 or state.step == max_steps:  # phase: checkpoint
-            ckpt.save(state.step, model, models.tokenizer, snapshot(state, opt, sched, method))
+            ckpt.save(state.step, model, models.tokenizer, snapshot(state, opt, sched, method, scaler))
 
     save_student(model, models.tokenizer, out / "final")
     if not (out / "best").exists():
@@ -102,8 +103,22 @@ def train(cfg: Config, progress: Any = None) -> Path:
     return out
 
 
-def optimise(method: Method, model: Any, micro_batches: list[Batch], opt: torch.optim.Optimizer, grad_clip: float) -> dict[str, float]:
-    """One optimizer step over ``micro_batches``; each term is normalised by its global token count."""
+def loss_scaler(method: Method, model: Any) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for float16 autocast (small policy-gradient gradients would underflow);
+    a pass-through for float32 and bfloat16."""
+    device = next(model.parameters()).device.type
+    return torch.amp.GradScaler(device, enabled=method.autocast == torch.float16)
+
+
+def optimise(
+    method: Method, model: Any, micro_batches: list[Batch], opt: torch.optim.Optimizer, grad_clip: float,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """One optimizer step over ``micro_batches``; each term is normalised by its global token count.
+
+    With an enabled ``scaler`` the gradients are unscaled before clipping, and a step whose
+    gradients overflowed is skipped (the scale is lowered) as :class:`torch.amp.GradScaler` does."""
+    scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)  # pass-through
     counts = token_counts(micro_batches)
     sums: dict[str, float] = {}
     loss_total, tokens = 0.0, 0
@@ -117,14 +132,18 @@ def optimise(method: Method, model: Any, micro_batches: list[Batch], opt: torch.
             if term.coef:
                 loss = term.coef * part if loss is None else loss + term.coef * part
         if loss is not None:
-            loss.backward()
+            scaler.scale(loss).backward()
             loss_total += float(loss.detach())
         tokens += sum(int(v.sum()) for k, v in mb.items() if k.endswith("attention_mask") or k == "prompt_mask" or k == "response_mask")
     if not math.isfinite(loss_total):
         raise FloatingPointError(f"the loss became {loss_total}; lower train.lr or check the data")
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")) if params else torch.tensor(0.0)
-    opt.step()
+    norm = torch.tensor(0.0)
+    if params:
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        scaler.step(opt)
+        scaler.update()
     opt.zero_grad(set_to_none=True)
     return {"loss": loss_total, **sums, "grad_norm": float(norm), "tokens": tokens}
 
@@ -177,16 +196,19 @@ def is_better(score: float, best: float | None, select_by: str) -> bool:
     return best is None or (score > best if select_by == "rouge_l" else score < best)
 
 
-def snapshot(state: TrainState, opt: Any, sched: Any, method: Method) -> dict[str, Any]:
+def snapshot(state: TrainState, opt: Any, sched: Any, method: Method, scaler: Any) -> dict[str, Any]:
     return {
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "method": method.state_dict(),
+        "scaler": scaler.state_dict(),
         "best": state.best, "best_step": state.best_step, "exp": state.exp, "next_update": state.next_update,
     }
 
 
-def restore(ckpt: Checkpointer, path: Path, model: Any, opt: Any, sched: Any, method: Method) -> TrainState:
+def restore(ckpt: Checkpointer, path: Path, model: Any, opt: Any, sched: Any, method: Method, scaler: Any) -> TrainState:
     saved = ckpt.load(path, model)
     opt.load_state_dict(saved["optimizer"])
+    if saved.get("scaler"):  # empty when loss scaling is off
+        scaler.load_state_dict(saved["scaler"])
     sched.load_state_dict(saved["scheduler"])
     method.load_state_dict(saved["method"])
     return TrainState(step=saved["step"], best=saved["best"], best_step=saved["best_step"], exp=saved["exp"], next_update=saved["next_update"])
