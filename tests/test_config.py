@@ -137,6 +137,13 @@ def test_list_of_wrong_element_type(tmp_path: Path) -> None:
         ("generation:\n  max_new_tokens: 600\n", 2, "must be <= data.max_len (512)"),
         ("teacher:\n  dtype: int8\n", 2, "teacher.dtype"),
         ("data:\n  columns:\n    prompts: q\n", 3, "data.columns.prompts"),
+        ("data:\n  valid_size: 0\n", 2, "data.valid_size: must be >= 1"),
+        ("data:\n  max_examples: 0\n", 2, "data.max_examples"),
+        ("train:\n  eval_batch_size: 0\n", 2, "train.eval_batch_size: must be positive"),
+        ("train:\n  save_every: 0\n", 2, "train.save_every"),
+        ("train:\n  eval_max_examples: 0\n", 2, "train.eval_max_examples"),
+        ("train:\n  weight_decay: -0.1\n", 2, "train.weight_decay"),
+        ("train:\n  adam_betas: [2, 5]\n", 2, "train.adam_betas: must be two numbers in [0, 1)"),
     ],
 )
 def test_theory_checks_name_key_and_line(tmp_path: Path, text: str, line: int, needle: str) -> None:

@@ -75,6 +75,8 @@ class DataConfig:
             "data.max_len",
             f"must exceed data.max_prompt_len ({self.max_prompt_len}) to leave room for a response",
         )
+        _check(self.valid_size >= 1, "data.valid_size", "must be >= 1 (or point data.valid at a file)")
+        _check(self.max_examples is None or self.max_examples >= 1, "data.max_examples", "must be >= 1 or null (all)")
         allowed = {"prompt", "response", "instruction", "context", "messages", "references"}
         for k in self.columns:
             _check(k in allowed, f"data.columns.{k}", f"unknown field; map one of {sorted(allowed)}")
@@ -117,10 +119,17 @@ class TrainConfig:
         _check(self.batch_size > 0, "train.batch_size", "must be positive")
         _check(self.grad_accum > 0, "train.grad_accum", "must be positive")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-        _check(self.eval_every > 0 and self.save_every > 0, "train.eval_every", "eval_every and save_every must be positive")
+        _check(self.eval_every > 0, "train.eval_every", "must be positive")
+        _check(self.save_every > 0, "train.save_every", "must be positive")
+        _check(self.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
+        _check(self.eval_max_examples is None or self.eval_max_examples >= 1, "train.eval_max_examples",
+               "must be >= 1 or null (all)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.pt_coef >= 0, "train.pt_coef", "must be >= 0")
         _check(self.keep_last >= 1, "train.keep_last", "must keep at least one checkpoint")
         _check(self.select_by in ("loss", "rouge_l"), "train.select_by", "must be 'loss' or 'rouge_l'")
-        _check(len(self.adam_betas) == 2, "train.adam_betas", "must be two numbers, e.g. [0.9, 0.999]")
+        _check(len(self.adam_betas) == 2 and all(0 <= x < 1 for x in self.adam_betas), "train.adam_betas",
+               "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         _check(self.epochs is None or self.epochs > 0, "train.epochs", "must be positive")
 
     @property
