@@ -247,11 +247,17 @@ def test_minillm_end_to_end(minillm_run: tuple[Path, list[dict[str, Any]]], tiny
             assert math.isfinite(r[k]), k
         assert r["loss"] == pytest.approx(r["pg"] + r["single_step"], rel=1e-5)
         assert 0 <= r["clip_frac"] <= 1
-    # 8 rollouts, 8 sequences per step, 2 PPO epochs: a rollout phase every 2 steps, logged on its first step
-    for r in (rows[0], rows[2]):
-        for k in ("reward", "reverse_kl", "response_len", "seq_reverse_kl", "rollout_time_s"):
+    # 8 rollouts, 8 sequences per step, 2 PPO epochs: a rollout phase every 2 steps; its statistics are
+    # logged on both of its steps, its cost on the first
+    stats = ("reward", "reverse_kl", "response_len", "seq_reverse_kl")
+    for r in rows:
+        for k in stats:
             assert math.isfinite(r[k]), k
         assert 0 < r["response_len"] <= 24 and r["reverse_kl"] >= 0
+    for first, second in ((rows[0], rows[1]), (rows[2], rows[3])):
+        assert all(first[k] == second[k] for k in stats)
+        assert math.isfinite(first["rollout_time_s"]) and "rollout_time_s" not in second
+    assert rows[0]["reward"] != rows[2]["reward"]  # a new rollout phase, new statistics
     # the first update starts from q_old = q_theta: the ratio is the teacher-mix weight w_t alone
     assert rows[0]["single_step"] == pytest.approx(rows[0]["reverse_kl"], rel=1e-4)
     _check_final(out, tiny_task)

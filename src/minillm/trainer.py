@@ -66,23 +66,23 @@ def train(cfg: Config, progress: Any = None) -> Path:
 
     while state.step < max_steps:
         t0 = time.perf_counter()
-        if state.exp is None:  # phase: rollout + score (on-policy) or next data batch
+        fresh = state.exp is None
+        if fresh:  # phase: rollout + score (on-policy) or next data batch
             state.exp, state.next_update = method.collect(state.step), 0
-            exp_metrics = state.exp.metrics
-        else:
-            exp_metrics = {}
-        if not state.exp.updates:
+        exp = state.exp
+        if not exp.updates:
             raise UserError("every rollout was empty (the student stops at once); check the tokenizer's EOS and the prompts")
-        micro_batches = state.exp.updates[state.next_update]
+        micro_batches = exp.updates[state.next_update]
         state.next_update += 1
         model.train(method.dropout)
         row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip, scaler)  # phase: loss, backward, step
         sched.step()
-        if state.next_update >= len(state.exp.updates):
+        if state.next_update >= len(exp.updates):
             state.exp = None
         state.step += 1
         dt = time.perf_counter() - t0
-        row.update(step=state.step, lr=sched.get_last_lr()[0], step_time_s=dt, tokens_per_s=row.pop("tokens") / dt, **exp_metrics)
+        row.update(step=state.step, lr=sched.get_last_lr()[0], step_time_s=dt, tokens_per_s=row.pop("tokens") / dt,
+                   **exp.metrics, **(exp.once if fresh else {}))
         if state.step % cfg.train.eval_every == 0 or state.step == max_steps:  # phase: evaluate
             row.update(validate(cfg, model, models.tokenizer, models.vocab_size, data.valid, data.valid_examples, method.autocast))
             score = row.get(select_key)

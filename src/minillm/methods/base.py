@@ -43,7 +43,8 @@ class Experience:
     """The work of one collect phase: ``updates[i]`` is the micro-batch list of one optimizer step."""
 
     updates: list[list[Batch]]
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # statistics of this experience: logged on each of its steps
+    once: dict[str, float] = field(default_factory=dict)  # costs of collecting it (times, counts): logged on its first step
 
 
 class Method:

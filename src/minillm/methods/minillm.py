@@ -178,8 +178,8 @@ class MiniLLM(Method):
                 order = np.random.default_rng([self.cfg.seed, step, epoch]).permutation(len(rows))
                 for mini in chunks([rows[i] for i in order], t.sequences_per_step):
                     updates.append([self.add_pretrain(collate_rollouts(mb, self.pad_id)) for mb in chunks(mini, t.batch_size)])
-        stats.update(rollout_time_s=t1 - t0, score_time_s=t2 - t1, rollout_tokens=float(sum(len(r[1]) for r in rollouts)))
-        return Experience(updates, stats)
+        once = {"rollout_time_s": t1 - t0, "score_time_s": t2 - t1, "rollout_tokens": float(sum(len(r[1]) for r in rollouts))}
+        return Experience(updates, stats, once)
 
     # -- loss ----------------------------------------------------------------------------------
     def loss_terms(self, model: Any, batch: Batch) -> dict[str, Term]:
