@@ -287,6 +287,33 @@ def test_per_token_uses_checkpointing_only_with_grad(monkeypatch: pytest.MonkeyP
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("fn", ["reverse_kl", "token_logprobs"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_losses_keep_no_second_logits_tensor_for_backward(fn: str, temperature: float) -> None:
+    """What autograd saves for backward stays far below one more (B, T, V) float32 tensor: each
+    chunk's softmax is recomputed, and only views of the logits are kept."""
+    B, T, V = 2, 64, 512
+    s = torch.randn(B, T, V, requires_grad=True)
+    other = torch.randn(B, T, V) if fn == "reverse_kl" else torch.randint(0, V, (B, T))
+    saved: list[torch.Tensor] = []
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x):
+        if fn == "reverse_kl":
+            out = per_token("reverse_kl", s, other, chunk=16, temperature=temperature)
+        else:
+            out = token_logprobs(s, other, chunk=16, temperature=temperature)
+    inputs = {s.untyped_storage().data_ptr(), other.untyped_storage().data_ptr()}  # held by the caller anyway
+    owned = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in saved
+             if x.untyped_storage().data_ptr() not in inputs}
+    assert sum(owned.values()) < 0.1 * s.numel() * 4, owned
+    out.sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_reverse_kl_gradient(temperature: float) -> None:
     """d KL(q || p) / d s against autograd of the definition and the closed form

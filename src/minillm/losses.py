@@ -141,6 +141,24 @@ def skew_reverse_kl(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.
     return _kl(logq, _mix(logq, logp, skew_alpha))
 
 
+def _by_chunks(fn: Callable[..., torch.Tensor], logits_BTV: torch.Tensor, other: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``fn(logits chunk, other chunk) -> (B, t)`` over chunks of ``chunk`` positions -> ``(B, T)`` float32.
+
+    When the logits need gradients, each chunk runs under non-reentrant activation checkpointing:
+    the backward pass recomputes the chunk's softmax instead of keeping a second ``(B, T, V)``
+    float32 tensor alive (only the chunk's inputs, views of the logits, are saved).
+    """
+    T = logits_BTV.shape[1]
+    if T == 0:
+        return logits_BTV.new_zeros(logits_BTV.shape[:2], dtype=torch.float32)
+    grad = logits_BTV.requires_grad and torch.is_grad_enabled()
+    outs = []
+    for start in range(0, T, chunk):
+        s, o = logits_BTV[:, start : start + chunk], other[:, start : start + chunk]
+        outs.append(checkpoint(fn, s, o, use_reentrant=False) if grad else fn(s, o))
+    return torch.cat(outs, dim=1)
+
+
 def per_token(
     name: str,
     student_logits_BTV: torch.Tensor,
@@ -149,29 +167,10 @@ def per_token(
     chunk: int = 128,
     **params: float,
 ) -> torch.Tensor:
-    """Evaluate divergence ``name`` in chunks of ``chunk`` positions -> ``(B, T)``.
-
-    When the student logits need gradients, each chunk runs under non-reentrant activation
-    checkpointing: the backward pass recomputes the chunk's softmaxes instead of keeping a second
-    ``(B, T, V)`` float32 tensor alive.
-    """
+    """Evaluate divergence ``name`` in chunks of ``chunk`` positions -> ``(B, T)``, checkpointed
+    per chunk when the student logits need gradients (see :func:`_by_chunks`)."""
     fn = get_divergence(name)
-    T = student_logits_BTV.shape[1]
-    if T == 0:
-        return student_logits_BTV.new_zeros(student_logits_BTV.shape[:2], dtype=torch.float32)
-
-    def run(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return fn(s, t, **params)
-
-    outs = []
-    for start in range(0, T, chunk):
-        s = student_logits_BTV[:, start : start + chunk]
-        t = teacher_logits_BTV[:, start : start + chunk]
-        if s.requires_grad and torch.is_grad_enabled():
-            outs.append(checkpoint(run, s, t, use_reentrant=False))
-        else:
-            outs.append(run(s, t))
-    return torch.cat(outs, dim=1)
+    return _by_chunks(lambda s, t: fn(s, t, **params), student_logits_BTV, teacher_logits_BTV, chunk)
 
 
 def token_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, chunk: int = 128) -> torch.Tensor:
@@ -182,16 +181,15 @@ def token_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, chun
 def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, chunk: int = 128, temperature: float = 1.0) -> torch.Tensor:
     """log q(y_t | y_<t) of the given tokens: ``(B, T, V)``, ``(B, T)`` -> ``(B, T)``.
 
-    Uses logsumexp per chunk, so no full log-softmax tensor is materialised.
+    logit(y_t) - logsumexp per chunk: no log-softmax tensor is materialised, and with gradients
+    each chunk is checkpointed (see :func:`_by_chunks`).
     """
-    outs = []
-    for start in range(0, logits_BTV.shape[1], chunk):
-        lg = _upcast(logits_BTV[:, start : start + chunk]) / temperature
-        tgt = targets_BT[:, start : start + chunk].clamp(min=0)
-        outs.append(lg.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
-    if not outs:
-        return logits_BTV.new_zeros(targets_BT.shape, dtype=torch.float32)
-    return torch.cat(outs, dim=1)
+
+    def logprob(lg: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        lg = _upcast(lg) if temperature == 1.0 else _upcast(lg) / temperature
+        return lg.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+
+    return _by_chunks(logprob, logits_BTV, targets_BT, chunk)
 
 
 def token_entropy(logits_BTV: torch.Tensor, chunk: int = 128) -> torch.Tensor:
