@@ -353,7 +353,7 @@ def test_pretrain_blocks(tmp_path: Path, tok: Any, fmt: str) -> None:
     assert b["pt_input_ids"].shape == (2, 5)
     assert torch.equal(b["pt_targets"], b["pt_input_ids"][:, 1:])
     assert b["pt_mask"].shape == (2, 4) and bool((b["pt_mask"] == 1).all())
-    assert stream.state_dict() == {"blocks_served": 8}
+    assert stream.state_dict()["blocks_served"] == 8
 
 
 def test_pretrain_resume_continues_with_same_blocks(tmp_path: Path, tok: Any) -> None:
@@ -362,10 +362,39 @@ def test_pretrain_resume_continues_with_same_blocks(tmp_path: Path, tok: Any) ->
     a = PretrainStream(str(p), tok, block_len=3)
     for _ in range(3):
         a.next_batch(2)
+    state = a.state_dict()
+    assert state["offset"] > 0 and state["buf"]  # mid-file, with tokens read but not yet served
     resumed = PretrainStream(str(p), tok, block_len=3)
-    resumed.load_state_dict(a.state_dict())
-    for _ in range(4):
+    resumed.load_state_dict(state)
+    for _ in range(4):  # on into the next passes
         assert torch.equal(resumed.next_batch(3)["pt_input_ids"], a.next_batch(3)["pt_input_ids"])
+
+
+def test_pretrain_resume_seeks_instead_of_rereading(tmp_path: Path, tok: Any) -> None:
+    docs = [f"{DOCS[i % 4]} {DOCS[(i + 1) % 4]}" for i in range(200)]
+    p = tmp_path / "big.txt"
+    p.write_text("\n".join(docs) + "\n")
+    for served in (60, 100):  # mid-file, and exactly at the end of the file (200 docs x 7 tokens)
+        _resume_after(p, tok, served)
+
+
+def _resume_after(p: Path, tok: Any, batches: int) -> None:
+    a = PretrainStream(str(p), tok, block_len=7)
+    for _ in range(batches):
+        a.next_batch(2)
+    seen: list[str] = []
+
+    class Counting:
+        eos_token_id = tok.eos_token_id
+
+        def __call__(self, text: str, **kw: Any) -> Any:
+            seen.append(text)
+            return tok(text, **kw)
+
+    resumed = PretrainStream(str(p), Counting(), block_len=7)
+    resumed.load_state_dict(a.state_dict())
+    assert torch.equal(resumed.next_batch(4)["pt_input_ids"], a.next_batch(4)["pt_input_ids"])
+    assert len(seen) < 10  # only the documents the next blocks need, not the 100+ before them
 
 
 def test_pretrain_errors(tmp_path: Path, tok: Any) -> None:

@@ -2,9 +2,10 @@
 
 A ``.txt`` file gives one document per line (blank lines skipped); a ``.jsonl`` file one document per
 record under ``text_key``. Documents are tokenized as they are read, joined with EOS and cut into
-blocks of ``block_len`` tokens, so the corpus is never loaded whole. The stream's state is the
-number of blocks handed out: a resumed run skips exactly those and continues with the same blocks.
-At the end of the file the stream starts the next pass.
+blocks of ``block_len`` tokens, so the corpus is never loaded whole. At the end of the file the
+stream starts the next pass. The stream's state is where it stands in the file (byte offset, line)
+and the tokens read but not yet served: a resumed run seeks there and continues with the same
+blocks, without reading or tokenizing what came before.
 """
 
 from __future__ import annotations
@@ -28,40 +29,53 @@ class PretrainStream:
             raise UserError(f"data.pretrain: {self.path} not found (a .txt or .jsonl corpus)")
         self.tokenizer, self.block_len, self.text_key = tokenizer, block_len, text_key
         self.blocks_served = 0
+        # where the stream stands after the last block served: next document's byte offset and line
+        # number, and the tokens already read that no served block holds yet
+        self._offset, self._line, self._buf = 0, 0, []
         self._it = self._blocks()
 
-    def _documents(self) -> Iterator[str]:
+    def _documents(self, offset: int, line: int) -> Iterator[tuple[str, int, int]]:
+        """(document, byte offset after it, its line number) from byte ``offset`` (line ``line``) on."""
         jsonl = self.path.suffix in (".jsonl", ".json")
-        with self.path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
+        with self.path.open("rb") as fh:
+            fh.seek(offset)
+            for raw in iter(fh.readline, b""):
+                offset += len(raw)
+                line += 1
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{self.path}:{line}: not UTF-8 text") from None
+                if not text.strip():
                     continue
                 if not jsonl:
-                    yield line.rstrip("\n")
+                    yield text.rstrip("\r\n"), offset, line
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{self.path}:{lineno}: not valid JSON ({e.msg})") from None
+                    raise UserError(f"{self.path}:{line}: not valid JSON ({e.msg})") from None
                 if not isinstance(rec, dict) or not isinstance(rec.get(self.text_key), str):
-                    raise UserError(f"{self.path}:{lineno}: expected an object with a string field {self.text_key!r} (data.pretrain_text_key)")
-                yield rec[self.text_key]
+                    raise UserError(f"{self.path}:{line}: expected an object with a string field {self.text_key!r} (data.pretrain_text_key)")
+                yield rec[self.text_key], offset, line
 
     def _blocks(self) -> Iterator[list[int]]:
         eos = self.tokenizer.eos_token_id
-        buf: list[int] = []
+        start, start_line, buf = self._offset, self._line, list(self._buf)
         passes_without_block = 0
         while True:
-            produced = False
-            for doc in self._documents():
+            produced, whole_pass = False, start == 0
+            for doc, offset, line in self._documents(start, start_line):
                 buf.extend(self.tokenizer(doc, add_special_tokens=False)["input_ids"])
                 if eos is not None:
                     buf.append(eos)
                 while len(buf) >= self.block_len:
-                    yield buf[: self.block_len]
-                    buf = buf[self.block_len :]
+                    block, buf = buf[: self.block_len], buf[self.block_len :]
+                    self._offset, self._line, self._buf = offset, line, buf
                     produced = True
-            if not produced:
+                    yield block
+            start, start_line = 0, 0  # the next pass
+            if not produced and whole_pass:
                 passes_without_block += 1
                 if passes_without_block > 1 or not buf:
                     raise UserError(f"data.pretrain: {self.path} holds fewer than {self.block_len} tokens; add text or lower data.max_len")
@@ -77,11 +91,10 @@ class PretrainStream:
             "pt_mask": torch.ones(ids.shape[0], ids.shape[1] - 1),
         }
 
-    def state_dict(self) -> dict[str, int]:
-        return {"blocks_served": self.blocks_served}
+    def state_dict(self) -> dict[str, Any]:
+        return {"blocks_served": self.blocks_served, "offset": self._offset, "line": self._line, "buf": list(self._buf)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._it = self._blocks()
-        for _ in range(int(state["blocks_served"])):
-            next(self._it)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.blocks_served = int(state["blocks_served"])
+        self._offset, self._line, self._buf = int(state["offset"]), int(state["line"]), list(state["buf"])
+        self._it = self._blocks()
