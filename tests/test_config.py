@@ -144,6 +144,8 @@ def test_list_of_wrong_element_type(tmp_path: Path) -> None:
         ("train:\n  eval_max_examples: 0\n", 2, "train.eval_max_examples"),
         ("train:\n  weight_decay: -0.1\n", 2, "train.weight_decay"),
         ("train:\n  adam_betas: [2, 5]\n", 2, "train.adam_betas: must be two numbers in [0, 1)"),
+        ("eval:\n  test: {a: a.jsonl}\n  formats: {b: dolly}\n", 3, "eval.formats.b: names no test set"),
+        ("eval:\n  test: {a: a.jsonl}\n  formats: {a: alpaca}\n", 3, "eval.formats.a: must be one of"),
     ],
 )
 def test_theory_checks_name_key_and_line(tmp_path: Path, text: str, line: int, needle: str) -> None:

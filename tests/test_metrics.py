@@ -102,7 +102,9 @@ def test_exact_match_normalises_case_punctuation_articles_and_spaces() -> None:
         ("apples", ["apple"], False),
         ("«Yes»", ["yes"], True),
         ("Monday, Tuesday", ["monday tuesday"], True),
-        ("twenty-one", ["twenty one"], True),
+        ("twenty-one", ["twentyone"], True),  # SQuAD deletes punctuation
+        ("don't", ["dont"], True),
+        ("twenty-one", ["twenty one"], False),
         ("blue", ["red", "green", "Blue."], True),
         ("anything", [], False),
         ("theatre", ["atre"], False),  # 'the' is removed only as a whole word
@@ -110,7 +112,7 @@ def test_exact_match_normalises_case_punctuation_articles_and_spaces() -> None:
     for pred, refs, hit in cases:
         assert exact_match([pred], [refs]) == (100.0 if hit else 0.0), (pred, refs)
     preds, refs = zip(*[(p, r) for p, r, _ in cases])
-    assert exact_match(list(preds), list(refs)) == pytest.approx(100 * 6 / 9)
+    assert exact_match(list(preds), list(refs)) == pytest.approx(100 * 7 / 11)
     assert exact_match([], []) == 0.0
 
 
@@ -344,6 +346,33 @@ def test_loaders_for_each_format(tmp_path: Path) -> None:
     assert len(load_test_set(selfinst, max_examples=2).examples) == 2
 
 
+def test_loaders_read_the_raw_releases_and_vicuna_references(tmp_path: Path) -> None:
+    # a raw natural-instructions task file: one JSON object, one example per instance
+    task = tmp_path / "task001.json"
+    task.write_text(json.dumps({"Definition": ["Answer the question.", "Be brief."], "Positive Examples": [],
+                                "Instances": [{"id": "t1", "input": "2+2?", "output": ["4", "four"]},
+                                              {"id": "t2", "input": "3+3?", "output": ["6"]}]}))
+    ts = load_test_set(str(task))
+    assert ts.format == "sni" and [(e.instruction, e.context, e.references) for e in ts.examples] == [
+        ("Answer the question.\nBe brief.", "2+2?", ["4", "four"]), ("Answer the question.\nBe brief.", "3+3?", ["6"])]
+    assert ts.examples[1].source.endswith("task001.json (Instances[1])") and ts.examples[1].meta["id"] == "t2"
+    # raw Unnatural Instructions: instances, and reformulations whose outputs are extra references
+    unni = _write(tmp_path / "unni_raw.jsonl", [
+        {"instruction": "Classify.", "instances": [{"instruction_with_input": "Classify: fine", "input": "fine",
+                                                    "constraints": "None.", "output": "positive"}],
+         "reformulations": [{"instruction": "Tone?", "input": "fine", "output": "Positive"}]},
+        {"instruction": "Add.", "instances": [{"input": "1 1", "output": "2"}, {"input": "2 2", "output": "4"}]},
+    ])
+    ts = load_test_set(unni, "unni")
+    assert [(e.instruction, e.context, e.references) for e in ts.examples] == [
+        ("Classify.", "fine", ["positive", "Positive"]), ("Add.", "1 1", ["2"]), ("Add.", "2 2", ["4"])]
+    # Vicuna questions with reference answers are scored against them
+    vicuna = _write(tmp_path / "vicuna_ref.jsonl", [{"text": "Name a colour.", "reference": "red"},
+                                                    {"question": "What is AI?", "answer": ["A field.", "Machines that learn."]}])
+    ts = load_test_set(vicuna)
+    assert ts.format == "vicuna" and [e.references for e in ts.examples] == [["red"], ["A field.", "Machines that learn."]]
+
+
 @pytest.mark.parametrize(
     ("fmt", "record", "message"),
     [
@@ -357,11 +386,16 @@ def test_loaders_for_each_format(tmp_path: Path) -> None:
         ("unni", {"instruction": "x", "input": "y"}, "needs an 'output'"),
         ("unni", {"instruction": "x", "output": "y", "reformulations": [{"instruction": "z"}]}, r"reformulations\[0\]"),
         ("dolly", {"instruction": "   ", "response": "y"}, "instruction is empty"),
+        ("dolly", {"instruction": "x", "response": "  "}, "reference 1 of 1 is blank"),
+        ("sni", {"definition": "d", "output": ["ok", ""]}, "reference 2 of 2 is blank"),
+        ("prompt_response", {"prompt": " ", "response": "y"}, "the prompt is empty"),
+        ("unni", {"instruction": "x", "instances": [{"input": "a"}]}, r"instances\[0\]\): expected an object"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path: Path, fmt: str, record: dict, message: str) -> None:
     good = {"dolly": {"instruction": "a", "response": "b"}, "selfinst": {"instruction": "a", "output": "b"},
-            "vicuna": {"text": "a"}, "sni": {"definition": "a", "output": ["b"]}, "unni": {"instruction": "a", "output": "b"}}[fmt]
+            "vicuna": {"text": "a"}, "sni": {"definition": "a", "output": ["b"]}, "unni": {"instruction": "a", "output": "b"},
+            "prompt_response": {"prompt": "a", "response": "b"}}[fmt]
     path = _write(tmp_path / "t.jsonl", [good, "", record])
     with pytest.raises(UserError, match=rf"t\.jsonl:3.*{message}"):
         load_test_set(path, fmt)

@@ -215,7 +215,8 @@ class EvalConfig:
 
     models: dict[str, str] = field(default_factory=dict)  # display name -> model path (folder, Hub id, .gguf)
     test: dict[str, str] = field(default_factory=dict)  # test-set name -> file / dataset
-    format: str = "auto"  # auto, dolly, selfinst, vicuna, sni, unni, prompt_response
+    format: str = "auto"  # auto, dolly, selfinst, vicuna, sni, unni, prompt_response (every test set)
+    formats: dict[str, str] = field(default_factory=dict)  # test-set name -> format, for sets that differ from eval.format
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])  # one generation per seed (the paper: 5)
     max_examples: int | None = None  # first N examples of each test set
     batch_size: int = 16  # prompts generated together
@@ -239,6 +240,9 @@ class EvalConfig:
         _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds", f"has a repeated seed: {self.seeds}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be positive")
         _check(self.format in formats, "eval.format", f"must be one of {formats}, got {self.format!r}")
+        for name, fmt in self.formats.items():
+            _check(name in self.test, f"eval.formats.{name}", f"names no test set of eval.test {sorted(self.test)}")
+            _check(fmt in formats, f"eval.formats.{name}", f"must be one of {formats}, got {fmt!r}")
         for m in self.metrics:
             _check(m in metrics, "eval.metrics", f"unknown metric {m!r}; choose from {metrics}")
         _check(self.max_examples is None or self.max_examples >= 1, "eval.max_examples", "must be positive or null")

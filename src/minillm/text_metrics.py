@@ -120,10 +120,11 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lowercase, drop punctuation (ASCII ``string.punctuation`` and
-    every Unicode punctuation character), drop the articles a / an / the, collapse whitespace."""
+    """SQuAD's normalisation (as the reference code scores exact match): lowercase, delete punctuation
+    (ASCII ``string.punctuation`` and every Unicode punctuation character), drop the articles
+    a / an / the, collapse whitespace. Deleted, not spaced: "twenty-one" equals "twentyone"."""
     text = text.lower()
-    text = "".join(" " if ch in string.punctuation or unicodedata.category(ch).startswith("P") else ch for ch in text)
+    text = "".join(ch for ch in text if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
@@ -131,8 +132,7 @@ def normalize_answer(text: str) -> str:
 def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     """Share (x 100) of predictions equal to one of their references after :func:`normalize_answer`.
 
-    A prediction with no reference counts as a miss. Punctuation becomes a space (so
-    "twenty-one" equals "twenty one").
+    A prediction with no reference counts as a miss.
     """
     _check_lengths(predictions, references)
     if not predictions:

@@ -145,8 +145,11 @@ def load_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]
                 data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            if isinstance(data, dict):  # one record, e.g. a raw natural-instructions task file
+                yield str(path), data
+                return
             if not isinstance(data, list):
-                raise UserError(f"{path}: a .json data file must hold a list of records (or use JSONL)")
+                raise UserError(f"{path}: a .json data file must hold a list of records or one record object (or use JSONL)")
             for i, rec in enumerate(data):
                 yield f"{path}[{i}]", rec
             return

@@ -221,7 +221,7 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
     out = Path(e.out) if e.out else Path(cfg.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    test_sets = {name: load_test_set(path, e.format, e.max_examples) for name, path in e.test.items()}
+    test_sets = {name: load_test_set(path, e.formats.get(name, e.format), e.max_examples) for name, path in e.test.items()}
     choice_records = load_choice_records(e.calibration) if e.calibration else None
     judge: Judge | None = make_judge(e.judge, e.judge_api_key_env, cfg.train.device) if e.judge else None
     shown = list(e.metrics) + (["judge"] if judge is not None else [])

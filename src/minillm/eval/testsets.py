@@ -9,17 +9,23 @@ file and line of a record it cannot use. Formats (``eval.format``):
 * ``selfinst``: user-oriented Self-Instruct, either ``instruction`` + ``instances`` =
   [{``input``, ``output``}, ...] (one example per instance) or flat ``instruction`` / ``input`` /
   ``output``.
-* ``vicuna``: ``text`` or ``question`` (+ ``category``), no reference: Rouge-L, exact match and the
-  LM loss are reported as n/a; only the judge and reference-free metrics apply.
+* ``vicuna``: ``text`` or ``question`` (+ ``category``), with an optional reference answer
+  (``reference``, ``references``, ``output`` or ``answer``, as the paper scores Vicuna's questions
+  against reference answers); without one, Rouge-L, exact match and the LM loss are n/a and only
+  the judge and reference-free metrics apply.
 * ``sni``: Super-Natural Instructions, ``definition`` + ``input`` + ``output`` (a string or a list
-  of references), or ``prompt`` + ``output``.
-* ``unni``: Unnatural Instructions, ``instruction`` + ``input`` + ``output`` (string or list);
-  the ``output`` of each entry of an optional ``reformulations`` list is an extra reference.
+  of references), or ``prompt`` + ``output``, or a raw task file of the natural-instructions
+  repository (one JSON object: ``Definition`` + ``Instances`` = [{``input``, ``output``: [...]}],
+  one example per instance).
+* ``unni``: Unnatural Instructions, ``instruction`` + ``input`` + ``output`` (string or list), or
+  the raw form with ``instances`` = [{``input``, ``output``}, ...]; the ``output`` of each entry of
+  an optional ``reformulations`` list is an extra reference (of the single instance).
 * ``prompt_response``: anything :func:`minillm.data.formats.record_to_example` reads (``prompt`` /
   ``response``, Dolly fields, chat ``messages``, ``references``).
 
 ``auto`` picks the format from the first record's fields (:func:`sniff_format`); the rest of the
-file must then follow that format.
+file must then follow that format. Every example must have a non-blank prompt and non-blank
+references (a blank reference would make an empty answer an exact match).
 """
 
 from __future__ import annotations
@@ -129,10 +135,14 @@ def _vicuna(rec: dict[str, Any], where: str) -> list[Example]:
     key = _first(rec, ("text", "question", "instruction", "prompt"))
     if key is None:
         raise UserError(f"{where}: vicuna record needs a 'text' or 'question' field; found {sorted(rec)}")
-    return [_example(_str(rec, key, where, "vicuna"), "", [], where, _meta(rec))]
+    ref_key = _first(rec, ("reference", "references", "output", "answer"))
+    refs = _refs(rec[ref_key], where, ref_key) if ref_key is not None else []
+    return [_example(_str(rec, key, where, "vicuna"), "", refs, where, _meta(rec))]
 
 
 def _sni(rec: dict[str, Any], where: str) -> list[Example]:
+    if "Definition" in rec or "Instances" in rec:
+        return _sni_task(rec, where)
     if "output" not in rec:
         raise UserError(f"{where}: sni record needs an 'output' (a list of references); found {sorted(rec)}")
     refs = _refs(rec["output"], where, "output")
@@ -143,10 +153,38 @@ def _sni(rec: dict[str, Any], where: str) -> list[Example]:
     raise UserError(f"{where}: sni record needs 'definition' (+ 'input') or 'prompt'; found {sorted(rec)}")
 
 
+def _sni_task(rec: dict[str, Any], where: str) -> list[Example]:
+    """A raw natural-instructions task file: ``Definition`` (a string or list) + ``Instances``."""
+    definition = rec.get("Definition")
+    if isinstance(definition, list) and all(isinstance(d, str) for d in definition):
+        definition = "\n".join(definition)
+    if not isinstance(definition, str):
+        raise UserError(f"{where}: 'Definition' must be a string or a list of strings")
+    instances = rec.get("Instances")
+    if not isinstance(instances, list) or not instances:
+        raise UserError(f"{where}: 'Instances' must be a non-empty list of {{'input': ..., 'output': [...]}} objects")
+    out = []
+    for j, inst in enumerate(instances):
+        at = f"{where} (Instances[{j}])"
+        piece = _instance(inst, at)
+        out.append(_example(definition, _str(piece, "input", at, "sni", required=False), _refs(piece["output"], at, "output"),
+                            at, _meta(inst) or _meta(rec)))
+    return out
+
+
 def _unni(rec: dict[str, Any], where: str) -> list[Example]:
     instruction = _str(rec, "instruction", where, "unni")
+    if "instances" in rec and "output" not in rec:  # the raw release: one example per instance
+        instances = rec["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise UserError(f"{where}: 'instances' must be a non-empty list of {{'input': ..., 'output': ...}} objects")
+        pieces = [(_instance(inst, f"{where} (instances[{j}])"), f"{where} (instances[{j}])") for j, inst in enumerate(instances)]
+        if len(pieces) > 1:  # reformulations rephrase a single instance; several instances stand alone
+            return [_example(instruction, _str(inst, "input", at, "unni", required=False), _refs(inst["output"], at, "output"),
+                             at, _meta(rec)) for inst, at in pieces]
+        rec = {**rec, **pieces[0][0]}
     if "output" not in rec:
-        raise UserError(f"{where}: unni record needs an 'output'; found {sorted(rec)}")
+        raise UserError(f"{where}: unni record needs an 'output' (or 'instances'); found {sorted(rec)}")
     refs = _refs(rec["output"], where, "output")
     reforms = rec.get("reformulations") or []
     if not isinstance(reforms, list):
@@ -159,6 +197,12 @@ def _unni(rec: dict[str, Any], where: str) -> list[Example]:
                 refs.append(r)
     context = _str(rec, "input", where, "unni", required=False)
     return [_example(instruction, context, refs, where, _meta(rec))]
+
+
+def _instance(inst: Any, where: str) -> dict[str, Any]:
+    if not isinstance(inst, dict) or "output" not in inst:
+        raise UserError(f"{where}: expected an object with 'input' and 'output'")
+    return {"input": inst.get("input", ""), "output": inst["output"]}
 
 
 def _prompt_response(rec: dict[str, Any], where: str) -> list[Example]:
@@ -184,7 +228,7 @@ def sniff_format(rec: Any, where: str = "") -> str:
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     keys = set(rec)
-    if "definition" in keys:
+    if keys & {"definition", "Definition"}:
         return "sni"
     if "reformulations" in keys:
         return "unni"
@@ -206,6 +250,15 @@ def sniff_format(rec: Any, where: str = "") -> str:
     )
 
 
+def _check_example(ex: Example) -> None:
+    prompt = ex.instruction if ex.messages is None else ex.messages[-1]["content"] if ex.messages else ""
+    if not prompt.strip():
+        raise UserError(f"{ex.source}: the prompt is empty")
+    for i, ref in enumerate(ex.references):
+        if not ref.strip():
+            raise UserError(f"{ex.source}: reference {i + 1} of {len(ex.references)} is blank; fill it in or drop the record")
+
+
 def load_test_set(source: str, fmt: str = "auto", max_examples: int | None = None, split: str = "test") -> TestSet:
     """Read and validate a test set (JSONL / JSON file, saved or Hub dataset) into examples.
 
@@ -220,7 +273,9 @@ def load_test_set(source: str, fmt: str = "auto", max_examples: int | None = Non
             resolved = sniff_format(rec, where)
         if not isinstance(rec, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        examples.extend(PARSERS[resolved](rec, where))
+        for ex in PARSERS[resolved](rec, where):
+            _check_example(ex)
+            examples.append(ex)
         if max_examples is not None and len(examples) >= max_examples:
             examples = examples[:max_examples]
             break
