@@ -190,6 +190,8 @@ def test_run_eval_two_models_with_exposure_calibration_and_judge(tiny_task: dict
     results = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().strip() == table.strip()
     assert results["test_sets"]["task"]["format"] == "dolly" and results["test_sets"]["vicuna"]["format"] == "vicuna"
+    assert results["test_sets"]["task"]["with_references"] == results["test_sets"]["task"]["examples"]
+    assert results["test_sets"]["vicuna"]["with_references"] == 0
     for model in ("teacher", "student"):
         per_seed = results["per_seed"][model]["task"]
         assert sorted(per_seed) == ["10", "20"]

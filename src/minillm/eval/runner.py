@@ -228,7 +228,8 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
 
     results: dict[str, Any] = {
         "models": dict(e.models), "seeds": list(e.seeds), "metrics": shown,
-        "test_sets": {n: {"path": e.test[n], "format": ts.format, "examples": len(ts.examples), "has_references": ts.has_references}
+        "test_sets": {n: {"path": e.test[n], "format": ts.format, "examples": len(ts.examples), "has_references": ts.has_references,
+                          "with_references": sum(1 for ex in ts.examples if ex.references)}  # the examples Rouge-L / EM score
                       for n, ts in test_sets.items()},
         "skipped_long_prompt": {}, "per_seed": {}, "summary": {},
         "generation": {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
