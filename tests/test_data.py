@@ -164,6 +164,10 @@ def test_json_list_file(tmp_path: Path) -> None:
     p.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]))
     ex = read_examples(str(p))
     assert [e.instruction for e in ex] == ["a", "c"] and ex[1].source == f"{p}[1]"
+    one = tmp_path / "one.json"  # one object: a test-set loader reads it (raw S-NI task), training data does not
+    one.write_text(json.dumps({"instruction": "Say hi", "instances": [{"input": "", "output": "hi"}]}))
+    with pytest.raises(UserError, match=r"one\.json: a \.json data file must hold a list of records"):
+        read_examples(str(one))
 
 
 def test_saved_hf_dataset_and_splits(tmp_path: Path) -> None:
@@ -395,6 +399,15 @@ def _resume_after(p: Path, tok: Any, batches: int) -> None:
     resumed.load_state_dict(a.state_dict())
     assert torch.equal(resumed.next_batch(4)["pt_input_ids"], a.next_batch(4)["pt_input_ids"])
     assert len(seen) < 10  # only the documents the next blocks need, not the 100+ before them
+
+
+def test_pretrain_corpus_shorter_than_a_block_still_streams(tmp_path: Path, tok: Any) -> None:
+    p = tmp_path / "short.txt"
+    p.write_text("one two three four five six seven one two three four\n")  # 11 words + EOS = 12 tokens
+    stream = PretrainStream(str(p), tok, block_len=13)  # some passes end without a block
+    rows = [r for _ in range(20) for r in stream.next_batch(2)["pt_input_ids"].tolist()]
+    flat = _flat_tokens(tok, ["one two three four five six seven one two three four"])
+    assert rows == [(flat * 50)[i * 13 : (i + 1) * 13] for i in range(40)]
 
 
 def test_pretrain_errors(tmp_path: Path, tok: Any) -> None:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +174,10 @@ def test_loss_scaling_unscales_before_clipping_and_skips_an_overflowed_step(sft_
         return out, model
 
     assert not loss_scaler(method, models.student).is_enabled()  # float32 on CPU: no scaling
+    fp16_method = copy.copy(method)
+    fp16_method.autocast = torch.float16
+    assert loss_scaler(fp16_method, models.student).is_enabled()  # float16 autocast over float32 weights
+    assert not loss_scaler(fp16_method, copy.deepcopy(models.student).half()).is_enabled()  # cannot unscale fp16 grads
     plain, m_plain = run(None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scaled, m_scaled = run(scaler)
@@ -375,3 +380,13 @@ def test_epochs_cover_the_data_minillm(tiny_task: dict[str, Path], tmp_path: Pat
     ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
     sampler = torch.load(ckpt / "trainer_state.pt", weights_only=False)["method"]["sampler"]
     assert sampler["epoch"] * 120 + sampler["pos"] >= 12
+
+
+def test_metrics_log_writes_strict_json(tmp_path: Path) -> None:
+    from minillm.trainer import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_until=0)
+    log.write({"step": 1, "loss": torch.tensor(0.5), "grad_norm": float("inf"), "x": np.float32(2.0), "y": float("nan")})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "Infinity" not in line and "NaN" not in line
+    assert json.loads(line) == {"step": 1, "loss": 0.5, "grad_norm": None, "x": 2.0, "y": None}

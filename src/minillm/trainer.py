@@ -104,10 +104,16 @@ def train(cfg: Config, progress: Any = None) -> Path:
 
 
 def loss_scaler(method: Method, model: Any) -> torch.amp.GradScaler:
-    """Dynamic loss scaling for float16 autocast (small policy-gradient gradients would underflow);
-    a pass-through for float32 and bfloat16."""
-    device = next(model.parameters()).device.type
-    return torch.amp.GradScaler(device, enabled=method.autocast == torch.float16)
+    """Dynamic loss scaling for float16 autocast over float32 master weights (small policy-gradient
+    gradients would underflow); a pass-through for float32 and bfloat16, and for weights that are
+    themselves half precision (their gradients cannot be unscaled in place)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    master_fp32 = bool(params) and all(p.dtype == torch.float32 for p in params)
+    if method.autocast == torch.float16 and not master_fp32:
+        log.warning("train.dtype float16 with half-precision student weights: no loss scaling; "
+                    "set student.dtype=float32 (master weights) for stable float16 training")
+    return torch.amp.GradScaler(params[0].device.type if params else "cpu",
+                                enabled=method.autocast == torch.float16 and master_fp32)
 
 
 def optimise(
@@ -263,8 +269,15 @@ class MetricsLog:
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append ``row``; a non-finite number (the grad norm of a step loss scaling skipped) is
+        written as null, so the file stays strict JSON."""
+
+        def clean(v: Any) -> Any:
+            v = float(v) if isinstance(v, (np.floating, torch.Tensor)) else v
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
         with self.path.open("a") as fh:
-            fh.write(json.dumps({k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in row.items()}) + "\n")
+            fh.write(json.dumps({k: clean(v) for k, v in row.items()}, allow_nan=False) + "\n")
 
 
 def _row_step(line: str) -> float:

@@ -136,8 +136,11 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
-def load_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """Yield (location, raw record) from a JSONL / JSON file, a saved dataset folder or a Hub dataset."""
+def load_records(source: str, split: str = "train", allow_object: bool = False) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw record) from a JSONL / JSON file, a saved dataset folder or a Hub dataset.
+
+    ``allow_object``: a ``.json`` file may hold one record object instead of a list (a raw
+    natural-instructions task file); training data keeps refusing it."""
     path = Path(source)
     if path.is_file():
         if path.suffix == ".json":
@@ -145,11 +148,11 @@ def load_records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]
                 data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            if isinstance(data, dict):  # one record, e.g. a raw natural-instructions task file
+            if isinstance(data, dict) and allow_object:
                 yield str(path), data
                 return
             if not isinstance(data, list):
-                raise UserError(f"{path}: a .json data file must hold a list of records or one record object (or use JSONL)")
+                raise UserError(f"{path}: a .json data file must hold a list of records (or use JSONL)")
             for i, rec in enumerate(data):
                 yield f"{path}[{i}]", rec
             return

@@ -75,7 +75,9 @@ class PretrainStream:
                     produced = True
                     yield block
             start, start_line = 0, 0  # the next pass
-            if not produced and whole_pass:
+            if produced:
+                passes_without_block = 0
+            elif whole_pass:  # two whole passes in a row without a block: the corpus is too small
                 passes_without_block += 1
                 if passes_without_block > 1 or not buf:
                     raise UserError(f"data.pretrain: {self.path} holds fewer than {self.block_len} tokens; add text or lower data.max_len")

@@ -268,7 +268,7 @@ def load_test_set(source: str, fmt: str = "auto", max_examples: int | None = Non
         raise UserError(f"eval.format: unknown format {fmt!r}; choose one of {FORMATS}")
     examples: list[Example] = []
     resolved = None if fmt == "auto" else fmt
-    for where, rec in load_records(source, split):
+    for where, rec in load_records(source, split, allow_object=True):
         if resolved is None:
             resolved = sniff_format(rec, where)
         if not isinstance(rec, dict):

@@ -90,7 +90,8 @@ class MiniLLM(Method):
         """Sample responses for the next ``rollouts_per_step`` prompts -> (prompt, response, log w).
 
         log w_t = log q(y_t) - log p~(y_t) comes from the sampling pass itself, so the importance
-        weight is fixed at sampling time and is exactly 1 when a = 0 (p~ = q)."""
+        weight is fixed at sampling time; with a = 0 and no temperature / top-k / top-p it is 1 up to
+        rounding (p~ = q). p~ is the distribution actually sampled, after any filtering."""
         items = [self.data.train[i] for i in self.sampler.take(self.m.rollouts_per_step)]
         g, d = self.cfg.generation, self.cfg.data
         out = []
