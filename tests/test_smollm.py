@@ -169,7 +169,7 @@ def test_sft_then_minillm_distils_from_the_real_teacher(tmp_path: Path, one_thre
                         minillm={"rollouts_per_step": 8, "rollout_batch_size": 8, "ppo_epochs": 2}))
     t_mini = time.perf_counter()
     rows = _metrics(mini)
-    rkl = [r["reverse_kl"] for r in rows if "reverse_kl" in r]  # one per rollout phase, before its updates
+    rkl = [r["reverse_kl"] for r in rows if "rollout_time_s" in r]  # one per rollout phase (its first step), before its updates
     single = [r["single_step"] for r in rows]  # one per optimizer step
 
     final = mini / "final"
