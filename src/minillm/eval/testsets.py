@@ -163,13 +163,8 @@ def _sni_task(rec: dict[str, Any], where: str) -> list[Example]:
     instances = rec.get("Instances")
     if not isinstance(instances, list) or not instances:
         raise UserError(f"{where}: 'Instances' must be a non-empty list of {{'input': ..., 'output': [...]}} objects")
-    out = []
-    for j, inst in enumerate(instances):
-        at = f"{where} (Instances[{j}])"
-        piece = _instance(inst, at)
-        out.append(_example(definition, _str(piece, "input", at, "sni", required=False), _refs(piece["output"], at, "output"),
-                            at, _meta(inst) or _meta(rec)))
-    return out
+    return [_instance_example(definition, inst, f"{where} (Instances[{j}])", "sni", _meta(inst) or _meta(rec))
+            for j, inst in enumerate(instances)]
 
 
 def _unni(rec: dict[str, Any], where: str) -> list[Example]:
@@ -178,11 +173,10 @@ def _unni(rec: dict[str, Any], where: str) -> list[Example]:
         instances = rec["instances"]
         if not isinstance(instances, list) or not instances:
             raise UserError(f"{where}: 'instances' must be a non-empty list of {{'input': ..., 'output': ...}} objects")
-        pieces = [(_instance(inst, f"{where} (instances[{j}])"), f"{where} (instances[{j}])") for j, inst in enumerate(instances)]
-        if len(pieces) > 1:  # reformulations rephrase a single instance; several instances stand alone
-            return [_example(instruction, _str(inst, "input", at, "unni", required=False), _refs(inst["output"], at, "output"),
-                             at, _meta(rec)) for inst, at in pieces]
-        rec = {**rec, **pieces[0][0]}
+        if len(instances) > 1:  # reformulations rephrase a single instance; several instances stand alone
+            return [_instance_example(instruction, inst, f"{where} (instances[{j}])", "unni", _meta(rec))
+                    for j, inst in enumerate(instances)]
+        rec = {**rec, **_instance(instances[0], f"{where} (instances[0])")}
     if "output" not in rec:
         raise UserError(f"{where}: unni record needs an 'output' (or 'instances'); found {sorted(rec)}")
     refs = _refs(rec["output"], where, "output")
@@ -203,6 +197,13 @@ def _instance(inst: Any, where: str) -> dict[str, Any]:
     if not isinstance(inst, dict) or "output" not in inst:
         raise UserError(f"{where}: expected an object with 'input' and 'output'")
     return {"input": inst.get("input", ""), "output": inst["output"]}
+
+
+def _instance_example(instruction: str, inst: Any, where: str, fmt: str, meta: dict[str, Any]) -> Example:
+    """One example from an ``{input, output}`` instance of a raw S-NI or UnNI record."""
+    piece = _instance(inst, where)
+    return _example(instruction, _str(piece, "input", where, fmt, required=False), _refs(piece["output"], where, "output"),
+                    where, meta)
 
 
 def _prompt_response(rec: dict[str, Any], where: str) -> list[Example]:
