@@ -13,7 +13,7 @@ import torch
 
 import minillm.trainer as trainer_mod
 from conftest import tiny_config_dict
-from minillm.checkpoint import Checkpointer
+from minillm.checkpoint import Checkpointer, read_state
 from minillm.config import config_from_dict
 from minillm.errors import UserError
 from minillm.trainer import train
@@ -153,8 +153,9 @@ def test_checkpoints_pruned_and_atomic(tiny_task: dict[str, Path], tmp_path: Pat
     assert ckpts == ["step_00000003", "step_00000004"]
     leftovers = [p for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
     assert leftovers == []
-    state = torch.load(out / "checkpoints" / "step_00000004" / "trainer_state.pt", weights_only=False)
+    state = read_state(out / "checkpoints" / "step_00000004")
     assert state["step"] == 4 and {"optimizer", "scheduler", "method", "rng"} <= set(state)
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))  # nothing pickled anywhere in the run
     # a checkpoint's model folder loads as a plain Hugging Face model
     from transformers import AutoModelForCausalLM
 

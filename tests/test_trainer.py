@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_config_dict
+from minillm.checkpoint import read_state
 from minillm.config import Config, config_from_dict, load_config
 from minillm.data import load_run_data
 from minillm.data.instruct import Encoded, collate_lm
@@ -378,7 +379,7 @@ def test_epochs_cover_the_data_minillm(tiny_task: dict[str, Path], tmp_path: Pat
                                                                      "eval_every": 100, "save_every": 100})
     assert len(rows) == 6
     ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
-    sampler = torch.load(ckpt / "trainer_state.pt", weights_only=False)["method"]["sampler"]
+    sampler = read_state(ckpt)["method"]["sampler"]
     assert sampler["epoch"] * 120 + sampler["pos"] >= 12
 
 

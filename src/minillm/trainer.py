@@ -206,7 +206,9 @@ def snapshot(state: TrainState, opt: Any, sched: Any, method: Method, scaler: An
     return {
         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "method": method.state_dict(),
         "scaler": scaler.state_dict(),
-        "best": state.best, "best_step": state.best_step, "exp": state.exp, "next_update": state.next_update,
+        "best": state.best, "best_step": state.best_step, "next_update": state.next_update,
+        # the unfinished experience as plain containers: a checkpoint stores no classes (minillm.statefile)
+        "exp": None if state.exp is None else {"updates": state.exp.updates, "metrics": state.exp.metrics, "once": state.exp.once},
     }
 
 
@@ -217,7 +219,10 @@ def restore(ckpt: Checkpointer, path: Path, model: Any, opt: Any, sched: Any, me
         scaler.load_state_dict(saved["scaler"])
     sched.load_state_dict(saved["scheduler"])
     method.load_state_dict(saved["method"])
-    return TrainState(step=saved["step"], best=saved["best"], best_step=saved["best_step"], exp=saved["exp"], next_update=saved["next_update"])
+    exp = saved["exp"]
+    if isinstance(exp, dict):
+        exp = Experience(exp["updates"], exp["metrics"], exp["once"])
+    return TrainState(step=saved["step"], best=saved["best"], best_step=saved["best_step"], exp=exp, next_update=saved["next_update"])
 
 
 def seed_everything(seed: int) -> None:
