@@ -8,15 +8,27 @@ from pathlib import Path
 import pytest
 
 from minillm.cli import main
+from minillm.demo_table import END, START, parse_block
 
 
 def test_demo_quick_runs_reports_and_reuses_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    main(["demo", "--quick", "--out", str(out)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{START}\nold table\n{END}\nafter\n")
+    main(["demo", "--quick", "--out", str(out), "--readme", str(readme)])
     printed = capsys.readouterr().out
     for name in ("teacher", "sft", "kd", "seqkd", "minillm"):
         assert f"| {name} |" in printed
     assert "Exposure bias" in printed and "report:" in printed
+    # the README block is the demo's own demo_table.md, between the markers, the rest untouched
+    block = (out / "demo_table.md").read_text()
+    text = readme.read_text()
+    assert text == f"# x\n\nbefore\n{START}\n{block}{END}\nafter\n"
+    parsed = parse_block(block)
+    assert list(parsed["rows"]) == ["teacher", "SFT", "KD", "SeqKD", "MiniLLM"]
+    assert parsed["caption"].startswith("`minillm demo --size quick`")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pipeline_seeds"] == [10]
     html = out / "report" / "report.html"
     assert html.exists() and (out / "report" / "report.md").exists()
     assert "toy" in html.read_text().lower() and (out / "toy" / "toy.png").exists()

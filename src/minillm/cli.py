@@ -112,15 +112,20 @@ def eval_cmd(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--size", type=click.Choice(["quick", "default", "large"]), default=None,
               help="Study size: quick and default fit a laptop's CPU; large is meant for --device cuda.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--seed", default=10, show_default=True)
-def demo(out: str, quick: bool, size: str | None, device: str, seed: int) -> None:
+@click.option("--seed", default=10, show_default=True, help="First whole-pipeline seed.")
+@click.option("--seeds", type=int, default=None,
+              help="Whole-pipeline seeds (teacher and students retrained per seed) [default: 3; --quick: 1].")
+@click.option("--readme", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Write the demo table into this README, between its demo-table markers.")
+def demo(out: str, quick: bool, size: str | None, device: str, seed: int, seeds: int | None, readme: str | None) -> None:
     """The built-in study, offline: teacher, SFT, KD, SeqKD and MiniLLM students on a generated task."""
     from minillm.demo import run_demo
 
     if quick and size not in (None, "quick"):
         raise click.UsageError("--quick and --size disagree; give one of them")
     with progress_bar() as bar:
-        table = run_demo(Path(out), quick=quick, device=device, seed=seed, progress=bar, size=size)
+        table = run_demo(Path(out), quick=quick, device=device, seed=seed, progress=bar, size=size, seeds=seeds,
+                         readme=Path(readme) if readme else None)
     click.echo(table)
 
 

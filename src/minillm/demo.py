@@ -11,6 +11,10 @@ Stages (each reused on a rerun when its config is unchanged and it finished):
 4. evaluation of every model over several sampling seeds (:mod:`minillm.eval.runner`), on the
    whole test split and on its long-answer prompts, where exposure bias (ExAccErr) is measured;
 5. the paper's Figure 2 (:mod:`minillm.toy`) and the report (:mod:`minillm.report`).
+
+With several whole-pipeline seeds (``--seeds N``, the default study's 3) stages 1-5 run once per
+seed in ``out/seed_S/``, teacher and students retrained, and :mod:`minillm.demo_table` writes the
+summary over the seeds and the README's table (``out/demo_table.md``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import Config, config_from_dict, config_hash
+from minillm.errors import UserError
 
 log = logging.getLogger("minillm")
 
@@ -38,15 +43,16 @@ class DemoSize:
     student_steps: int  # SFT, KD and SeqKD each
     minillm_steps: int
     rollouts: int
-    seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # sampling seeds of the evaluation
     eval_examples: int
     exposure_prompts: int
+    pipeline_seeds: int  # whole-pipeline repetitions (teacher and students retrained)
 
 
-# quick and default are sized for 2 CPU cores (about 35 s and 2 min); large is for a GPU
-QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100, 32)
-FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300, 64)
-LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300, 90)
+# quick and default are sized for 2 CPU cores (about 35 s, and 3 x 80 s); large is for a GPU
+QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100, 32, 1)
+FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300, 64, 3)
+LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300, 90, 3)
 SIZES = {"quick": QUICK, "default": FULL, "large": LARGE}
 
 
@@ -77,6 +83,7 @@ def _stage(name: str, cfg: Config, progress: Any, timings: dict[str, float]) -> 
     out = Path(cfg.output_dir)
     done = out / "demo_stage.json"
     key = config_hash(cfg)
+    log.info("demo: stage %s (%s)", name, out)
     if done.exists() and json.loads(done.read_text()).get("config") == key and (out / "final").exists():
         log.info("%s: reusing the finished run in %s", name, out)
         timings[name] = json.loads(done.read_text()).get("seconds", 0.0)
@@ -128,10 +135,48 @@ def study_configs(out: Path, size: DemoSize, init: Path, data: dict[str, Path], 
     return cfgs
 
 
-def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 10, progress: Any = None, size: str | None = None) -> str:
+def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 10, progress: Any = None,
+             size: str | None = None, seeds: int | None = None, readme: Path | None = None) -> str:
     """Run the whole study under ``out``; return the comparison table (Markdown).
 
-    ``size``: quick, default or large (``quick=True`` is the same as ``size="quick"``)."""
+    ``size``: quick, default or large (``quick=True`` is the same as ``size="quick"``). ``seeds``:
+    whole-pipeline seeds ``seed, seed + 1, ...`` (default: the size's); with more than one, each
+    runs in ``out/seed_S`` and the summary over them goes to ``out/summary.json`` and
+    ``out/demo_table.md``; ``readme`` gets that table between its demo-table markers."""
+    from minillm import demo_table
+
+    name = size or ("quick" if quick else "default")
+    dims = SIZES[name]
+    n = dims.pipeline_seeds if seeds is None else seeds
+    if n < 1:
+        raise UserError(f"--seeds {n}: give at least one pipeline seed")
+    out = Path(out)
+    if readme is not None:
+        demo_table.readme_section(Path(readme).read_text(), str(readme))  # refuse before hours of work, not after
+    t0 = time.perf_counter()
+    ps = demo_table.pipeline_seeds(seed, n)
+    folders = {s: out if n == 1 else out / f"seed_{s}" for s in ps}
+    tables = []
+    for i, s in enumerate(ps):
+        if n > 1:
+            log.info("demo: pipeline seed %d (%d of %d) in %s", s, i + 1, n, folders[s])
+        tables.append(run_pipeline(folders[s], dims, name, device, s, progress))
+    opts = [] if name == "default" else [f"--size {name}"]
+    opts += [] if seed == 10 else [f"--seed {seed}"]
+    opts += [] if seeds is None else [f"--seeds {n}"]
+    command = " ".join(["minillm demo", *opts])
+    summary = demo_table.summarize({s: folders[s] / "eval" for s in ps})
+    machine = None if device in ("auto", "cpu") else device
+    block = demo_table.write_outputs(out, summary, command, time.perf_counter() - t0, machine)
+    if readme is not None:
+        demo_table.update_readme(Path(readme), block)
+    if n == 1:
+        return tables[0]
+    return f"{block}\nper-seed folders: {', '.join(str(f) for f in folders.values())}\ntable: {out / 'demo_table.md'}"
+
+
+def run_pipeline(out: Path, dims: DemoSize, name: str, device: str, seed: int, progress: Any = None) -> str:
+    """One whole pipeline (data, teacher, students, evaluation, toy, report) under ``out``."""
     from minillm.data.task import corpus_texts, write_task
     from minillm.eval.runner import run_eval
     from minillm.generate_data import run_generate
@@ -139,9 +184,6 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 1
     from minillm.tiny import build_word_tokenizer, save_pair, tiny_gpt2
     from minillm.toy import run_toy
 
-    name = size or ("quick" if quick else "default")
-    dims = SIZES[name]
-    out = Path(out)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     data = write_task(out / "data", seed, dims.n_train, dims.n_valid, dims.n_test)
@@ -156,12 +198,14 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 1
     for stage in ("teacher", "sft", "kd"):
         _stage(stage, cfgs[stage], progress, timings)
     t1 = time.perf_counter()
+    log.info("demo: stage seqkd_generate (teacher samples for SeqKD)")
     run_generate(cfgs["seqkd_generate"], out=cfgs["seqkd"].data.train, samples=1, which="teacher", progress=progress)
     timings["seqkd_generate"] = time.perf_counter() - t1
     for stage in ("seqkd", "minillm"):
         _stage(stage, cfgs[stage], progress, timings)
 
     t2 = time.perf_counter()
+    log.info("demo: stage eval (%d models x %d sampling seeds)", len(cfgs["eval"].eval.models), len(cfgs["eval"].eval.seeds))
     table = run_eval(cfgs["eval"], progress=progress)
     timings["eval"] = time.perf_counter() - t2
     run_toy(out / "toy")  # the paper's Figure 2: mode-covering forward KL vs mode-seeking reverse KL
