@@ -12,6 +12,7 @@ prompts up to 256 tokens and sequences up to 512.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -26,6 +27,30 @@ import yaml
 from minillm.errors import UserError
 
 METHODS = ("sft", "minillm", "kd", "seqkd")
+WHITEN = ("none", "rollout", "minibatch_padded")
+
+# ``minillm.recipe``: named tables of dotted keys applied at load time to every key the config does
+# not set itself (an explicit key always wins); config.yaml records the resolved values. "paper" is the
+# defaults below, unchanged. "reference" is every place where the reference code (microsoft/LMOps,
+# minillm/) departs from the paper: its trainer's return (r_t included, gamma 0.95), reward scaling
+# (its --reward-scaling 0.5) and clipping, advantage whitening per PPO mini-batch with padding
+# counted, the unweighted single-step term, 0.5 forward KD in L_PT (--kd-ratio 0.5), and its
+# optimizer (AdamW betas (0.9, 0.95), weight decay 1e-6 on every parameter).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "reference": {
+        "minillm.reward_scale": 2.0,
+        "minillm.reward_clip": 100.0,
+        "minillm.gamma": 0.95,
+        "minillm.include_current_reward": True,
+        "minillm.whiten": "minibatch_padded",
+        "minillm.single_step_weight": False,
+        "minillm.pt_kd_ratio": 0.5,
+        "train.adam_betas": [0.9, 0.95],
+        "train.weight_decay": 1e-6,
+        "train.weight_decay_on": "all",
+    },
+}
 TEMPLATES = ("alpaca", "chat", "raw")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -92,7 +117,8 @@ class TrainConfig:
     min_lr: float = 0.0  # floor of the cosine / linear decay
     warmup: int = 100  # linear warm-up steps
     schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to min_lr
-    weight_decay: float = 0.01  # AdamW decay on matrices (not on biases and norms)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay, on the parameters weight_decay_on names
+    weight_decay_on: str = "matrices"  # matrices (not biases and norms) or all (the reference code)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step
@@ -111,6 +137,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+        _check(self.weight_decay_on in ("matrices", "all"), "train.weight_decay_on", "must be 'matrices' or 'all'")
         _check(self.dtype in DTYPES, "train.dtype", f"must be one of {DTYPES}")
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.min_lr >= 0 and self.min_lr <= self.lr, "train.min_lr", "must lie in [0, train.lr]")
@@ -161,6 +188,7 @@ class GenerationConfig:
 class MiniLLMConfig:
     """MiniLLM's policy-gradient distillation; every stabiliser has its own switch."""
 
+    recipe: str = "paper"  # paper (these defaults) or reference: the reference code's settings (table below); explicit keys win
     alpha: float = 0.2  # teacher-mix strength: sample from (1-a) q + a p; 0 = pure student
     single_step: bool = True  # exact per-token reverse KL instead of its sampled estimate
     length_norm: bool = True  # average the future return over the remaining length
@@ -172,12 +200,16 @@ class MiniLLMConfig:
     pt_coef: float = 1.0  # weight of the pre-training loss (needs data.pretrain)
     single_step_weight: bool = True  # weight the single-step KL by w_t (paper); the reference code does not
     include_current_reward: bool = False  # reference code: the return includes r_t itself
-    whiten: bool = False  # reference code: whiten advantages over the rollout batch
+    whiten: str | bool = "none"  # none; rollout: over the rollout phase's real tokens; minibatch_padded: per PPO mini-batch, padding counted (reference code)
     reward_scale: float = 1.0  # rewards are multiplied by this; reference code: 2 (it divides by its --reward-scaling 0.5)
     reward_clip: float | None = None  # reference code: 100
     pt_kd_ratio: float = 0.0  # reference code mixes 0.5 LM + 0.5 forward KD on the pre-training batch
 
     def __post_init__(self) -> None:
+        if isinstance(self.whiten, bool):  # before 0.2 a switch: true whitened over the rollout phase
+            self.whiten = "rollout" if self.whiten else "none"
+        _check(self.recipe in RECIPES, "minillm.recipe", f"must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        _check(self.whiten in WHITEN, "minillm.whiten", f"must be one of {WHITEN} (or true = rollout, false = none)")
         _check(0 <= self.alpha < 1, "minillm.alpha", "must lie in [0, 1) (the student must keep some mass)")
         _check(0 < self.gamma <= 1, "minillm.gamma", "must lie in (0, 1]")
         _check(0 <= self.clip < 1, "minillm.clip", "must lie in [0, 1); 0 disables clipping")
@@ -337,6 +369,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise UserError(f"{key}: may not be null")
     origin = typing.get_origin(inner)
+    if origin in (Union, types.UnionType):  # e.g. str | bool: the first type that takes the value
+        for arm in typing.get_args(inner):
+            try:
+                return _coerce(value, arm, key)
+            except UserError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(inner))
+        raise UserError(f"{key}: expected {names}, got {value!r}")
     if inner is bool:
         if isinstance(value, bool):
             return value
@@ -431,25 +471,47 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_key(data: dict[str, Any], path: list[str], value: Any, item: str = "") -> None:
+    """``data[path[0]][path[1]]... = value`` in a nested dict, creating sections on the way."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {item or '.'.join(path)!r}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted overrides to a nested dict (in place) and return it."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(data, path, value, item)
     return data
 
 
+def apply_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with ``minillm.recipe``'s table (:data:`RECIPES`) filling every key that
+    ``data`` does not set itself. An unknown recipe is left for validation to name."""
+    section = data.get("minillm")
+    recipe = section.get("recipe", "paper") if isinstance(section, dict) else "paper"
+    table = RECIPES.get(recipe) if isinstance(recipe, str) else None
+    out = copy.deepcopy(data)
+    for dotted, value in (table or {}).items():
+        node: Any = out
+        path = dotted.split(".")
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not (isinstance(node, dict) and path[-1] in node):
+            set_key(out, path, copy.deepcopy(value))
+    return out
+
+
 def config_from_dict(data: dict[str, Any], source: str = "", lines: dict[str, int | str] | None = None) -> Config:
-    """Build and validate a :class:`Config` from a nested dict."""
-    return _build(Config, data, "", lines or {}, source)
+    """Build and validate a :class:`Config` from a nested dict (``minillm.recipe`` resolved first)."""
+    return _build(Config, apply_recipe(data), "", lines or {}, source)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

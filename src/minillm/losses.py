@@ -277,3 +277,26 @@ def whiten(values_BT: torch.Tensor, mask_BT: torch.Tensor, shift_mean: bool = Tr
     if not shift_mean:
         out = out + mean
     return out * m
+
+
+def whiten_padded(values_BT: torch.Tensor) -> torch.Tensor:
+    """The reference code's whitening of one PPO mini-batch -> ``(B, T)``: (x - mean) / sqrt(var + 1e-8)
+    over *every* position of the padded tensor, so padding (0 where the caller padded) enters both
+    the mean and the variance, and the result is not zero there (the loss masks it).
+
+    One process: var is the sample variance (n - 1 in the denominator, as ``torch.var_mean``; 0 for
+    a single position). Under ``torch.distributed``: mean and var (denominator n) over the positions
+    of every rank's mini-batch, as the reference's ``get_global_statistics``."""
+    import torch.distributed as dist
+
+    x = values_BT.detach()
+    if dist.is_available() and dist.is_initialized():
+        sum_count = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+        dist.all_reduce(sum_count)
+        mean = sum_count[0] / sum_count[1]
+        sq = ((x - mean) ** 2).sum()
+        dist.all_reduce(sq)
+        var = sq / sum_count[1]
+    else:
+        var, mean = torch.var_mean(x, correction=1 if x.numel() > 1 else 0)
+    return (x - mean) * torch.rsqrt(var + 1e-8)

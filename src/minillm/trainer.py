@@ -165,12 +165,13 @@ def token_counts(micro_batches: Iterable[Batch]) -> dict[str, float]:
 
 
 def build_optimizer(cfg: Config, model: Any, max_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no decay on biases and norms); warm-up then constant / cosine / linear to ``min_lr``."""
+    """AdamW (no decay on biases and norms unless ``train.weight_decay_on`` is ``all``); warm-up then
+    constant / cosine / linear to ``min_lr``."""
     t = cfg.train
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 or t.weight_decay_on == "all" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas))
     floor = t.min_lr / t.lr

@@ -30,7 +30,15 @@ import torch
 from minillm.config import Config
 from minillm.data import RunData
 from minillm.data.instruct import EpochSampler, collate_prompts
-from minillm.losses import clipped_pg, future_returns, per_token, token_entropy, token_logprobs, whiten
+from minillm.losses import (
+    clipped_pg,
+    future_returns,
+    per_token,
+    token_entropy,
+    token_logprobs,
+    whiten,
+    whiten_padded,
+)
 from minillm.methods.base import Batch, Experience, Method, Term, chunks, register_method
 from minillm.models import Models
 from minillm.rollout import response_logits, row_seeds, sample, sequence_batch
@@ -142,7 +150,7 @@ class MiniLLM(Method):
                 n = len(resp)
                 rows.append(_Row(p, resp, logq[b, :n].cpu(), logw, adv[b, :n].cpu()))
                 masks_all.append(n)
-        if m.whiten and rows:
+        if m.whiten == "rollout" and rows:
             flat = torch.cat([r.advantage for r in rows])
             white = whiten(flat[None], torch.ones_like(flat)[None])[0]
             for r, piece in zip(rows, torch.split(white, masks_all)):
@@ -191,7 +199,10 @@ class MiniLLM(Method):
         logq = token_logprobs(s_logits, ids)
         logq_old = batch["logq_old"].to(dev)
         w = torch.exp(batch["logw"].to(dev)) * mask
-        pg, clipped = clipped_pg(logq, logq_old, w, batch["advantage"].to(dev), m.clip)
+        adv = batch["advantage"].to(dev)
+        if m.whiten == "minibatch_padded":  # the reference code: per mini-batch, padding positions counted
+            adv = whiten_padded(adv)
+        pg, clipped = clipped_pg(logq, logq_old, w, adv, m.clip)
         terms = {
             "pg": Term(pg, "response_mask"),
             "clip_frac": Term(clipped, "response_mask", 0.0),
