@@ -28,6 +28,7 @@ from minillm.errors import UserError
 
 METHODS = ("sft", "minillm", "kd", "seqkd")
 WHITEN = ("none", "rollout", "minibatch_padded")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine")
 
 # ``minillm.recipe``: named tables of dotted keys applied at load time to every key the config does
 # not set itself (an explicit key always wins); config.yaml records the resolved values. "paper" is the
@@ -190,6 +191,8 @@ class MiniLLMConfig:
 
     recipe: str = "paper"  # paper (these defaults) or reference: the reference code's settings (table below); explicit keys win
     alpha: float = 0.2  # teacher-mix strength: sample from (1-a) q + a p; 0 = pure student
+    alpha_schedule: str = "constant"  # constant (the paper), linear or cosine from alpha to alpha_end over training
+    alpha_end: float = 0.0  # teacher-mix strength at the last step (linear / cosine schedules)
     single_step: bool = True  # exact per-token reverse KL instead of its sampled estimate
     length_norm: bool = True  # average the future return over the remaining length
     gamma: float = 1.0  # discount counted from the response start (reference code: 0.95)
@@ -210,6 +213,8 @@ class MiniLLMConfig:
             self.whiten = "rollout" if self.whiten else "none"
         _check(self.recipe in RECIPES, "minillm.recipe", f"must be one of {tuple(RECIPES)}, got {self.recipe!r}")
         _check(self.whiten in WHITEN, "minillm.whiten", f"must be one of {WHITEN} (or true = rollout, false = none)")
+        _check(self.alpha_schedule in ALPHA_SCHEDULES, "minillm.alpha_schedule", f"must be one of {ALPHA_SCHEDULES}")
+        _check(0 <= self.alpha_end < 1, "minillm.alpha_end", "must lie in [0, 1)")
         _check(0 <= self.alpha < 1, "minillm.alpha", "must lie in [0, 1) (the student must keep some mass)")
         _check(0 < self.gamma <= 1, "minillm.gamma", "must lie in (0, 1]")
         _check(0 <= self.clip < 1, "minillm.clip", "must lie in [0, 1); 0 disables clipping")

@@ -43,6 +43,7 @@ CURVES: dict[str, str] = {
     "seq_reverse_kl": "reverse KL estimate (per sequence)",
     "reward": "reward r_t (per token)",
     "response_len": "response length (tokens)",
+    "alpha": "teacher-mix strength a",
     "clip_frac": "clip fraction",
     "valid_loss": "validation loss",
     "valid_rouge_l": "validation Rouge-L",

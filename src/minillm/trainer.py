@@ -52,7 +52,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
     data = load_run_data(cfg, models.tokenizer)
     method: Method = method_cls(cfg, models, data)
     model = models.student
-    max_steps = resolve_max_steps(cfg, len(data.train))
+    max_steps = method.max_steps = resolve_max_steps(cfg, len(data.train))
     opt, sched = build_optimizer(cfg, model, max_steps)
     scaler = loss_scaler(method, model)
     ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last)

@@ -20,6 +20,7 @@ gradient carries the whole reverse KL.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillm.config import Config
+from minillm.config import Config, MiniLLMConfig
 from minillm.data import RunData
 from minillm.data.instruct import EpochSampler, collate_prompts
 from minillm.losses import (
@@ -51,6 +52,18 @@ class _Row:
     logq_old: torch.Tensor
     logw: torch.Tensor  # log w_t = log q(y_t) - log p~(y_t), both recorded when y_t was drawn
     advantage: torch.Tensor
+
+
+def scheduled_alpha(m: MiniLLMConfig, step: int, total: int) -> float:
+    """The teacher-mix strength of a rollout phase starting after ``step`` of ``total`` optimizer steps,
+    f = step / total: ``constant`` a; ``linear`` a + (a_end - a) f; ``cosine``
+    a_end + (a - a_end) (1 + cos(pi f)) / 2 (a = ``alpha``, a_end = ``alpha_end``)."""
+    f = min(1.0, max(0.0, step / total)) if total > 0 else 0.0
+    if m.alpha_schedule == "linear":
+        return m.alpha + (m.alpha_end - m.alpha) * f
+    if m.alpha_schedule == "cosine":
+        return m.alpha_end + (m.alpha - m.alpha_end) * 0.5 * (1 + math.cos(math.pi * f))
+    return m.alpha
 
 
 def collate_rollouts(rows: list[_Row], pad_id: int) -> Batch:
@@ -94,6 +107,10 @@ class MiniLLM(Method):
         return self.m.pt_coef if self.data.pretrain is not None else 0.0
 
     # -- rollout -------------------------------------------------------------------------------
+    def alpha(self, step: int) -> float:
+        """``minillm.alpha_schedule`` at ``step`` over the run's length (the trainer sets ``max_steps``)."""
+        return scheduled_alpha(self.m, step, self.max_steps or self.cfg.train.max_steps)
+
     def rollout(self, step: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Sample responses for the next ``rollouts_per_step`` prompts -> (prompt, response, log w).
 
@@ -111,7 +128,7 @@ class MiniLLM(Method):
             r = sample(
                 self.models.student, prompts, row_seeds(self.cfg.seed, [x.index for x in batch], salt=step),
                 max_new_tokens=max(caps), stop_ids=self.stop_ids, pad_id=self.pad_id,
-                vocab_size=self.models.vocab_size, teacher=self.models.teacher, alpha=self.m.alpha,
+                vocab_size=self.models.vocab_size, teacher=self.models.teacher, alpha=self.alpha(step),
                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, autocast=self.autocast, engine=g.engine,
             )
             for b, x in enumerate(batch):
@@ -179,6 +196,7 @@ class MiniLLM(Method):
         rollouts = self.rollout(step)
         t1 = time.perf_counter()
         rows, stats = self.score(rollouts)
+        stats["alpha"] = self.alpha(step)
         t2 = time.perf_counter()
         t = self.cfg.train
         updates: list[list[Batch]] = []
