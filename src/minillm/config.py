@@ -29,6 +29,7 @@ from minillm.errors import UserError
 METHODS = ("sft", "minillm", "kd", "seqkd")
 WHITEN = ("none", "rollout", "minibatch_padded")
 ALPHA_SCHEDULES = ("constant", "linear", "cosine")
+TRACKERS = ("tensorboard", "wandb")
 
 # ``minillm.recipe``: named tables of dotted keys applied at load time to every key the config does
 # not set itself (an explicit key always wins); config.yaml records the resolved values. "paper" is the
@@ -135,10 +136,19 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept; older ones are deleted
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
     progress: bool = True  # live progress bar with a time estimate (on a terminal)
+    log_every: int = 10  # without a terminal (CI, nohup, Slurm): a log line every N steps with loss, metrics and ETA; 0 = off
+    report_to: list[str] = field(default_factory=list)  # tensorboard and/or wandb (optional extras): metrics.jsonl rows, resolved config, git commit
+    wandb_project: str = "minillm"  # W&B project (report_to: wandb)
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync` later) or online
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
         _check(self.weight_decay_on in ("matrices", "all"), "train.weight_decay_on", "must be 'matrices' or 'all'")
+        _check(self.log_every >= 0, "train.log_every", "must be >= 0 (0 turns the log lines off)")
+        for name in self.report_to:
+            _check(name in TRACKERS, "train.report_to", f"unknown tracker {name!r}; choose from {TRACKERS}")
+        _check(len(set(self.report_to)) == len(self.report_to), "train.report_to", f"names a tracker twice: {self.report_to}")
+        _check(self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be 'offline' or 'online'")
         _check(self.dtype in DTYPES, "train.dtype", f"must be one of {DTYPES}")
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.min_lr >= 0 and self.min_lr <= self.lr, "train.min_lr", "must lie in [0, train.lr]")

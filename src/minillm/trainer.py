@@ -28,6 +28,7 @@ from minillm.errors import UserError
 from minillm.methods import Experience, Method, get_method
 from minillm.methods.base import Batch
 from minillm.models import load_models, save_student
+from minillm.tracking import Tracker
 from minillm.validate import validate
 
 log = logging.getLogger("minillm")
@@ -61,6 +62,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         state = restore(ckpt, latest, model, opt, sched, method, scaler)
         log.info("resumed from %s (step %d)", latest, state.step)
     metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step)
+    tracker = Tracker(cfg, out, max_steps, state.step, progress)  # train.report_to, and log lines without a terminal
     select_key = "valid_rouge_l" if cfg.train.select_by == "rouge_l" else "valid_loss"
     task = progress.add_task(f"{cfg.method} ", total=max_steps, completed=state.step) if progress else None
 
@@ -90,11 +92,13 @@ def train(cfg: Config, progress: Any = None) -> Path:
                 state.best, state.best_step = score, state.step
                 save_student(model, models.tokenizer, out / "best")
         metrics.write(row)  # phase: log
+        tracker.log(row)
         if progress is not None:
             progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
         if state.step % cfg.train.save_every == 0 or state.step == max_steps:  # phase: checkpoint
             ckpt.save(state.step, model, models.tokenizer, snapshot(state, opt, sched, method, scaler))
 
+    tracker.close()
     save_student(model, models.tokenizer, out / "final")
     if not (out / "best").exists():
         save_student(model, models.tokenizer, out / "best")
@@ -262,6 +266,7 @@ def _comparable_hash(cfg: Config) -> str:
     c.train.max_steps = c.train.eval_every = c.train.save_every = c.train.keep_last = 0
     c.train.progress = c.train.resume = True
     c.train.epochs = None
+    c.train.report_to, c.train.log_every, c.train.wandb_project, c.train.wandb_mode = [], 0, "", ""  # tracking only
     return config_hash(c)
 
 
