@@ -267,7 +267,7 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])  # one generation per seed (the paper: 5)
     max_examples: int | None = None  # first N examples of each test set
     batch_size: int = 16  # prompts generated together
-    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words"])  # columns of the table
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "self_bleu", "lm_loss", "length", "length_words"])  # columns of the table
     exposure_bias: bool = False  # ExAccErr curve of every model against teacher.path
     exposure_samples: int = 4  # samples per prompt for ExAccErr
     exposure_max_prompts: int = 50  # prompts used for ExAccErr
@@ -281,7 +281,7 @@ class EvalConfig:
     out: str | None = None  # defaults to output_dir/eval
 
     def __post_init__(self) -> None:
-        metrics = ("rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words")
+        metrics = ("rouge_l", "exact_match", "dist_4", "self_bleu", "lm_loss", "length", "length_words")
         formats = ("auto", "dolly", "selfinst", "vicuna", "sni", "unni", "prompt_response")
         _check(len(self.seeds) >= 1, "eval.seeds", "needs at least one seed")
         _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds", f"has a repeated seed: {self.seeds}")

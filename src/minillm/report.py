@@ -53,6 +53,7 @@ EVAL_METRICS: dict[str, str] = {
     "rouge_l": "Rouge-L",
     "exact_match": "Exact match",
     "dist_4": "Dist-4",
+    "self_bleu": "Self-BLEU",
     "lm_loss": "LM loss",
     "length": "Length (tokens)",
     "length_words": "Length (words)",
@@ -505,6 +506,23 @@ def eval_tables(results: dict[str, Any], where: Path) -> dict[str, tuple[list[st
     return tables
 
 
+def _valid_answers(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """``results.json``'s ``valid_answers`` entries that are complete: {model: {set: entry}}."""
+    section = results.get("valid_answers")
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    if isinstance(section, dict):
+        for model, sets in section.items():
+            good = {str(k): v for k, v in sets.items() if isinstance(v, dict)
+                    and all(_finite(v.get(f)) for f in ("distinct", "possible", "valid", "prompts", "samples"))} if isinstance(sets, dict) else {}
+            if good:
+                out[str(model)] = good
+    return out
+
+
+def _answers_cells(v: dict[str, float]) -> list[str]:
+    return [f"{v['distinct']:.2f}", f"{v['possible']:.2f}", f"{v['valid']:.1f}", str(int(v["prompts"])), f"{v['samples']:g}"]
+
+
 def _comparison(doc: Doc, ev: EvalSource) -> None:
     where = ev.path / "results.json"
     res = ev.results
@@ -527,6 +545,12 @@ def _comparison(doc: Doc, ev: EvalSource) -> None:
     seeds = res.get("seeds")
     n = f"{len(seeds)} sampling seed(s): {', '.join(map(str, seeds))}" if isinstance(seeds, list) and seeds else "sampling seeds"
     doc.para(f"mean ± sample standard deviation over {n}; n/a = not measurable on that test set", "note")
+    rows = [[model, set_name, *_answers_cells(v)] for model, sets in _valid_answers(res).items() for set_name, v in sets.items()]
+    if rows:
+        doc.heading(f"Semantic diversity ({ev.name})", 3)
+        doc.table(["model", "test set", "distinct valid answers", "of possible", "valid %", "prompts", "samples"], rows)
+        doc.para("on the prompts with several valid answers: per prompt, the distinct valid answers among one response "
+                 "per sampling seed (exact match after normalisation); possible = min(samples, answers)", "note")
 
 
 def _exposure(ev: EvalSource, warnings: list[str]) -> dict[str, tuple[list[float], list[float], dict[str, Any]]]:
