@@ -529,29 +529,33 @@ def config_from_dict(data: dict[str, Any], source: str = "", lines: dict[str, in
     return _build(Config, apply_recipe(data), "", lines or {}, source)
 
 
+def read_yaml(p: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A YAML file's top-level mapping (empty for an empty file) and the line of every dotted key;
+    a missing file or bad YAML is a :class:`UserError` naming the file (and line)."""
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    text = p.read_text()
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{p}: expected a mapping of config keys at the top level")
+    return loaded, _yaml_lines(text)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or only defaults when ``path`` is None) and apply dotted overrides."""
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = ""
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise UserError(f"{p}: config file not found")
-        text = p.read_text()
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{p}: expected a mapping of config keys at the top level")
-        data = loaded
-        lines = _yaml_lines(text)
+        source = str(path)
+        data, lines = read_yaml(Path(path))
     merge_overrides(data, overrides or [])
     where: dict[str, int | str] = dict(lines)
     for item in overrides or []:
