@@ -127,6 +127,21 @@ def test_sharded_models_decode_with_the_plain_loop(tiny_task: dict[str, Path], t
         decoding_config(static, models)
 
 
+def test_the_teacher_is_sized_before_it_is_loaded(tiny_task: dict[str, Path], tmp_path: Path) -> None:
+    """train.teacher_sharding=auto decides from the architecture on the meta device, so a teacher
+    too large for one GPU never has to be loaded whole to find that out."""
+    from transformers import AutoModelForCausalLM
+
+    from minillm.parallel import planned_weight_bytes
+
+    cfg = config_from_dict(tiny_config_dict(tiny_task, tmp_path / "run", "kd"))
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_task["teacher"])
+    n = sum(p.numel() for p in loaded.parameters())
+    assert planned_weight_bytes(cfg.teacher, torch.bfloat16) == 2 * n
+    assert planned_weight_bytes(config_from_dict(tiny_config_dict(tiny_task, tmp_path / "run", "kd", teacher={"path": str(tmp_path)})).teacher,
+                                torch.bfloat16) is None  # no config there: unknown, and auto then shards
+
+
 def test_fsdp_in_one_process_equals_the_plain_run(tiny_task: dict[str, Path], tmp_path: Path) -> None:
     """``minillm train`` without torchrun and with train.parallel=fsdp opens a group of one; its run
     and its distributed checkpoints match the plain run's."""

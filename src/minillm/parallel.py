@@ -34,11 +34,19 @@ from typing import Any
 
 import torch
 
-from minillm.config import Config
+from minillm.config import Config, ModelConfig
 from minillm.distributed import Dist
 from minillm.errors import UserError
 from minillm.lora import add_lora, is_lora, merged_state_dict, save_adapter
-from minillm.models import Models, autocast_dtype, load_models, resolve_device, save_student, write_folder
+from minillm.models import (
+    Models,
+    autocast_dtype,
+    load_models,
+    resolve_device,
+    resolve_dtype,
+    split_gguf,
+    write_folder,
+)
 
 log = logging.getLogger("minillm")
 WHOLE_TEACHER_SHARE = 0.4  # auto: a teacher stays whole on each rank when its weights take under this share of one GPU
@@ -48,37 +56,33 @@ def load_placed_models(cfg: Config, need_teacher: bool, dist: Dist) -> Models:
     """Load the run's models, add the student's LoRA adapters and activation checkpointing, and
     place both models as ``train.parallel`` and ``train.teacher_sharding`` say (logged)."""
     device = dist.device or resolve_device(cfg.train.device)
-    staged = dist.world > 1 and device.type == "cuda"  # through host memory: a model to shard never lands whole on one GPU
-    mesh = None
-    may_shard_teacher = need_teacher and (cfg.train.teacher_sharding == "shard" or cfg.train.teacher_sharding == "auto" and dist.world > 1)
-    if cfg.train.parallel == "fsdp" or may_shard_teacher:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (dist.world,))
     autocast = autocast_dtype(cfg.train.dtype, device)
     if cfg.train.parallel == "fsdp" and autocast == torch.float16:
         raise UserError("train.parallel: fsdp with float16 autocast is not supported (its loss scaling would need every "
                         "rank's overflow check); use train.dtype=bfloat16, or train.parallel=ddp")
+    layout = teacher_layout(cfg, device, dist) if need_teacher else "none"
+    dist.same_everywhere(layout, "train.teacher_sharding")
+    sharding = cfg.train.parallel == "fsdp" or layout == "shard"
+    mesh = None
+    if sharding:
+        from torch.distributed.device_mesh import init_device_mesh
 
-    def load_and_place() -> tuple[Models, str]:
+        mesh = init_device_mesh(device.type, (dist.world,))
+    staged = dist.world > 1 and device.type == "cuda"  # through host memory: a model to shard never lands whole on one GPU
+
+    def load_and_place() -> Models:
         models = load_models(cfg, need_teacher, device=torch.device("cpu") if staged else device)
-        student = models.student
+        student, teacher = models.student, models.teacher
         if cfg.student.lora.r > 0:
             student = add_lora(student, cfg.student.lora)
         if cfg.train.activation_checkpointing:
             checkpoint_blocks(student)
-        if cfg.train.parallel == "fsdp":
-            student = shard(student, mesh, autocast, trainable=True)
-        teacher, layout = models.teacher, "none"
+        student = shard(student, mesh, autocast, trainable=True) if cfg.train.parallel == "fsdp" else student.to(device)
         if teacher is not None:
-            layout = teacher_layout(cfg, teacher, device, dist)
-            teacher = shard(teacher, mesh, None, trainable=False) if layout == "shard" else teacher
-        return dataclasses.replace(models, student=student.to(device) if not is_sharded(student) else student,
-                                   teacher=teacher.to(device) if teacher is not None and not is_sharded(teacher) else teacher,
-                                   device=device, dist=dist), layout
+            teacher = shard(teacher, mesh, None, trainable=False) if layout == "shard" else teacher.to(device)
+        return dataclasses.replace(models, student=student, teacher=teacher, device=device, dist=dist)
 
-    models, layout = dist.in_turns(load_and_place) if staged and mesh is not None else load_and_place()
-    dist.same_everywhere(layout, "train.teacher_sharding")
+    models = dist.in_turns(load_and_place) if staged and sharding else load_and_place()
     dist.lockstep = layout == "shard" and dist.world > 1
     if cfg.train.parallel == "ddp" and dist.world > 1:
         _broadcast_from_rank0(models.student)  # as DistributedDataParallel does: replicas start identical
@@ -86,24 +90,49 @@ def load_placed_models(cfg: Config, need_teacher: bool, dist: Dist) -> Models:
     return models
 
 
-def teacher_layout(cfg: Config, teacher: Any, device: torch.device, dist: Dist) -> str:
-    """``whole`` or ``shard``: ``train.teacher_sharding``, with ``auto`` decided by the teacher's
-    size against one GPU (on CPU, and in a world of one, always whole)."""
+def teacher_layout(cfg: Config, device: torch.device, dist: Dist) -> str:
+    """``whole`` or ``shard``: ``train.teacher_sharding``, with ``auto`` decided before loading by
+    the teacher's weights (counted on the meta device, in the dtype it will load in) against one
+    GPU; on CPU and in a world of one, always whole."""
     if cfg.train.teacher_sharding != "auto":
         return cfg.train.teacher_sharding
     if device.type != "cuda" or dist.world == 1:
         return "whole"
     total = torch.cuda.get_device_properties(device).total_memory
-    return "whole" if _weight_bytes(teacher) < WHOLE_TEACHER_SHARE * total else "shard"
+    size = planned_weight_bytes(cfg.teacher, resolve_dtype(cfg.teacher.dtype, device, "teacher"))
+    if size is None:
+        log.warning("train.teacher_sharding=auto: could not size the teacher before loading it; sharding it "
+                    "(set train.teacher_sharding=whole to keep it whole on each rank)")
+        return "shard"
+    return "whole" if size < WHOLE_TEACHER_SHARE * total else "shard"
+
+
+def planned_weight_bytes(mc: ModelConfig, dtype: torch.dtype) -> int | None:
+    """The size of a model's weights in ``dtype``, from its architecture built on the meta device
+    (nothing loaded or allocated); None when the config cannot be read that way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        where, extra = split_gguf(str(mc.path))
+        config = AutoConfig.from_pretrained(where, revision=mc.revision, trust_remote_code=mc.trust_remote_code, **extra)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=mc.trust_remote_code)
+    except Exception:  # any failure only means: size unknown (the load itself reports real problems)
+        return None
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
 
 
 def _weight_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _size(model: Any) -> str:
+    b = _weight_bytes(model)
+    return f"{b / 1e9:.2f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
 def _log_layout(cfg: Config, models: Models, layout: str) -> None:
     n = models.dist.world
-    gb = lambda m: f"{_weight_bytes(m) / 1e9:.2f} GB" if _weight_bytes(m) >= 1e7 else f"{_weight_bytes(m) / 1e6:.1f} MB"  # noqa: E731
     student = models.student
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     total = sum(p.numel() for p in student.parameters())
@@ -117,9 +146,9 @@ def _log_layout(cfg: Config, models: Models, layout: str) -> None:
     if models.teacher is not None:
         why = "train.teacher_sharding=" + cfg.train.teacher_sharding
         if layout == "shard":
-            log.info("teacher: FSDP2-sharded over %d rank(s) (%s of weights; %s); rollouts decode in lockstep", n, gb(models.teacher), why)
+            log.info("teacher: FSDP2-sharded over %d rank(s) (%s of weights; %s); rollouts decode in lockstep", n, _size(models.teacher), why)
         elif n > 1:
-            log.info("teacher: whole on each of %d ranks (%s of weights; %s)", n, gb(models.teacher), why)
+            log.info("teacher: whole on each of %d ranks (%s of weights; %s)", n, _size(models.teacher), why)
     if n > 1:
         log.info("%d ranks: each decodes 1/%d of the prompts and runs its share of every optimizer step's "
                  "micro-batches; losses are normalised by the global token count", n, n)
@@ -163,10 +192,18 @@ def shard(model: Any, mesh: Any, compute_dtype: torch.dtype | None, trainable: b
     gradients in float32 (FSDP averages them over ranks: see :func:`gradient_factor`)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) > 1 and compute_dtype is None:  # FSDP2 all-gathers a unit's weights as one flat buffer
+        raise UserError(f"train.parallel: fsdp needs the weights in one dtype, these mix {sorted(map(str, dtypes))}; "
+                        "set train.dtype=bfloat16 (weights gathered in it) or student.dtype=float32")
     policy = MixedPrecisionPolicy()
     if compute_dtype is not None:
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if trainable else None)
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    if not blocks:
+        log.warning("FSDP2: %s lists no transformer blocks (_no_split_modules): sharding it as one unit, whose "
+                    "weights are all gathered at once", type(model).__name__)
+    for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
@@ -254,16 +291,30 @@ def save_model(models: Models, out: Path) -> None:
 
 def save_hf(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor]) -> None:
     """Write ``model`` with the weights ``state_dict`` (its full state dict) to ``out``, atomically."""
-    if not is_lora(model):
-        save_student(model, tokenizer, out, state_dict if is_sharded(model) else None)
-        return
+    lora = is_lora(model)
 
     def write(tmp: Path) -> None:
-        model.get_base_model().save_pretrained(tmp, safe_serialization=True, state_dict=merged_state_dict(model, state_dict))
+        target = model.get_base_model() if lora else model
+        weights = merged_state_dict(model, state_dict) if lora else state_dict
+        target.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        _unwrapped_architectures(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
-        save_adapter(model, state_dict, tmp / "adapter")
+        if lora:
+            save_adapter(model, state_dict, tmp / "adapter")
 
     write_folder(out, write)
+
+
+def _unwrapped_architectures(config_json: Path) -> None:
+    """Older transformers name the class FSDP2 swapped in (``FSDPGPT2LMHeadModel``); tools that pick
+    the class by this name (vLLM) need the model's own."""
+    import json
+
+    cfg = json.loads(config_json.read_text())
+    names = cfg.get("architectures") or []
+    if any(n.startswith("FSDP") for n in names):
+        cfg["architectures"] = [n.removeprefix("FSDP") for n in names]
+        config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def decoding_config(cfg: Config, models: Models) -> Config:
