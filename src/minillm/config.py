@@ -29,11 +29,28 @@ METHODS = ("sft", "minillm", "kd", "seqkd")
 TEMPLATES = ("alpaca", "chat", "raw")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL = ("ddp", "fsdp")
+TEACHER_SHARDING = ("auto", "whole", "shard")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise UserError(f"{key}: {msg}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters trained in place of the student's weights (through ``peft``; ``r: 0`` = off)."""
+
+    r: int = 0  # adapter rank; 0: no adapter, every weight of the student is trained
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] = field(default_factory=list)  # module names to adapt (e.g. [q_proj, v_proj]); empty: peft's default for the architecture
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "r", "must be >= 0 (0 turns LoRA off)")
+        _check(self.alpha > 0, "alpha", "must be positive")
+        _check(0 <= self.dropout < 1, "dropout", "must lie in [0, 1)")
 
 
 @dataclass
@@ -45,6 +62,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # run model code shipped with a Hub repo (off unless you trust it)
     revision: str | None = None  # Hub branch, tag or commit
     tokenizer: str | None = None  # defaults to `path` (a GGUF file carries its tokenizer)
+    adapter: str | None = None  # a PEFT LoRA adapter folder trained on `path`: merged into the weights when loaded
+    lora: LoraConfig = field(default_factory=LoraConfig)  # student only: train LoRA adapters (see student.lora.*)
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -108,6 +127,10 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept; older ones are deleted
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
     progress: bool = True  # live progress bar with a time estimate (on a terminal)
+    parallel: str = "ddp"  # under torchrun: ddp (whole student per rank, gradients all-reduced) or fsdp (FSDP2 shards its weights, gradients, optimizer state)
+    teacher_sharding: str = "auto"  # auto: whole on each rank when its weights take under 40% of one GPU (always on CPU), else FSDP2-sharded; or whole / shard
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward: less memory, about a third more compute
+    dist_timeout_s: float = 1800.0  # a collective waiting longer fails the run: a stuck rank becomes an error, not a hang
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
@@ -131,6 +154,10 @@ class TrainConfig:
         _check(len(self.adam_betas) == 2 and all(0 <= x < 1 for x in self.adam_betas), "train.adam_betas",
                "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         _check(self.epochs is None or self.epochs > 0, "train.epochs", "must be positive")
+        _check(self.parallel in PARALLEL, "train.parallel", f"must be one of {PARALLEL}, got {self.parallel!r}")
+        _check(self.teacher_sharding in TEACHER_SHARDING, "train.teacher_sharding",
+               f"must be one of {TEACHER_SHARDING}, got {self.teacher_sharding!r}")
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
 
     @property
     def sequences_per_step(self) -> int:
@@ -284,6 +311,8 @@ class Config:
         _check(self.data.train is not None, "data.train", "is required: a JSONL file or a Hugging Face dataset")
         if self.method in ("minillm", "kd"):
             _check(self.teacher.path is not None, "teacher.path", f"is required by method {self.method!r}")
+        _check(self.teacher.lora.r == 0, "teacher.lora.r",
+               "the teacher is frozen, it trains no adapter; give a LoRA-tuned teacher's adapter folder as teacher.adapter")
         if self.method == "minillm":
             m, t = self.minillm, self.train
             _check(

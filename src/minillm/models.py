@@ -9,13 +9,15 @@ logits are cut to it (:func:`vocab_logits`) before any loss or sampling.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minillm.config import Config, ModelConfig
+from minillm.distributed import Dist
 from minillm.errors import UserError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,6 +121,10 @@ def load_model(cfg: ModelConfig, key: str, device: torch.device, role: str) -> A
     except (OSError, ValueError) as e:
         hint = "" if os.path.exists(where) else " (not a local folder; Hub ids need network access)"
         raise UserError(f"{key}.path: could not load a causal LM from {cfg.path!r}{hint}: {_short(e)}") from None
+    if cfg.adapter is not None:
+        from minillm.lora import merge_adapter
+
+        model = merge_adapter(model, cfg.adapter, key)
     model.to(device)
     if role == "teacher":
         model.eval()
@@ -154,11 +160,13 @@ class Models:
     tokenizer: Any
     vocab_size: int
     device: torch.device
+    dist: Dist = field(default_factory=Dist)  # this process's rank in the run (a world of one by default)
 
 
-def load_models(cfg: Config, need_teacher: bool) -> Models:
-    """Load the student (and the teacher when the method needs one) and check the pair."""
-    device = resolve_device(cfg.train.device)
+def load_models(cfg: Config, need_teacher: bool, device: torch.device | None = None) -> Models:
+    """Load the student (and the teacher when the method needs one) and check the pair; on
+    ``device`` when given (a distributed run stages models in host memory), else on ``train.device``."""
+    device = device or resolve_device(cfg.train.device)
     tok = load_tokenizer(cfg.student, "student")
     vocab = len(tok.get_vocab())
     teacher = None
@@ -174,16 +182,27 @@ def load_models(cfg: Config, need_teacher: bool) -> Models:
     return Models(student, teacher, tok, vocab, device)
 
 
-def save_student(model: Any, tokenizer: Any, out: Path) -> None:
-    """Save in Hugging Face format (safetensors + tokenizer), written to a temp folder then renamed."""
+def save_student(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save in Hugging Face format (safetensors + tokenizer), written to a temp folder then renamed;
+    ``state_dict`` (e.g. gathered from a sharded model) replaces the model's own."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+
+    write_folder(out, write)
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Fill folder ``out`` through ``write(tmp)`` on a temp folder, then swap it in: a reader sees
+    the old folder or the new one, never half of one."""
     import shutil
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    write(tmp)
     old = out.with_name(out.name + ".old")
     if out.exists():
         if old.exists():
