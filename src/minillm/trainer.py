@@ -28,6 +28,7 @@ from minillm.errors import UserError
 from minillm.methods import Experience, Method, get_method
 from minillm.methods.base import Batch
 from minillm.models import load_models, save_student
+from minillm.preflight import check_paths
 from minillm.validate import validate
 
 log = logging.getLogger("minillm")
@@ -45,6 +46,7 @@ class TrainState:
 def train(cfg: Config, progress: Any = None) -> Path:
     """Run ``cfg.method`` to ``train.max_steps``; return the output folder."""
     cfg.validate_for_training()
+    check_paths(cfg, "train")
     out = prepare_output_dir(cfg)
     seed_everything(cfg.seed)
     method_cls = get_method(cfg.method)
