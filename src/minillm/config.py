@@ -24,13 +24,17 @@ from typing import Any, Union
 import yaml
 
 from minillm.errors import UserError
+from minillm.textio import decode_utf8
 
 METHODS = ("sft", "minillm", "kd", "seqkd")
+TEACHER_METHODS = ("minillm", "kd")  # methods that load teacher.path (their classes say needs_teacher)
 TEMPLATES = ("alpaca", "chat", "raw")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARALLEL = ("ddp", "fsdp")
 TEACHER_SHARDING = ("auto", "whole", "shard")
+# the names of minillm.data.formats.FORMATS (a test keeps them equal), for data.format and eval.format
+DATA_FORMATS = ("auto", "dolly", "selfinst", "vicuna", "sni", "unni", "prompt_response")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -75,6 +79,7 @@ class DataConfig:
 
     train: str | None = None  # JSONL / JSON file, saved dataset folder or Hub dataset id
     valid: str | None = None  # same forms; unset: held out of `train` (see valid_split, valid_size)
+    format: str = "auto"  # format of train and valid: auto (from the first record), dolly, selfinst, vicuna, sni, unni, prompt_response
     pretrain: str | None = None  # .txt (one document per line) or .jsonl corpus for the L_PT loss; unset: no L_PT
     template: str = "alpaca"  # alpaca (the paper), chat (the tokenizer's chat template) or raw (prompt as is)
     max_prompt_len: int = 256  # longer prompts are skipped and counted, never truncated
@@ -88,6 +93,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.template in TEMPLATES, "data.template", f"must be one of {TEMPLATES}, got {self.template!r}")
+        _check(self.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
         _check(self.max_prompt_len > 0, "data.max_prompt_len", "must be positive")
         _check(
             self.max_len > self.max_prompt_len,
@@ -262,7 +268,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         metrics = ("rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words")
-        formats = ("auto", "dolly", "selfinst", "vicuna", "sni", "unni", "prompt_response")
+        formats = DATA_FORMATS
         _check(len(self.seeds) >= 1, "eval.seeds", "needs at least one seed")
         _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds", f"has a repeated seed: {self.seeds}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be positive")
@@ -309,7 +315,7 @@ class Config:
         """Checks that only apply when a run trains (eval-only configs skip them)."""
         _check(self.student.path is not None, "student.path", "is required: a Hub id, a local folder or a .gguf file")
         _check(self.data.train is not None, "data.train", "is required: a JSONL file or a Hugging Face dataset")
-        if self.method in ("minillm", "kd"):
+        if self.method in TEACHER_METHODS:
             _check(self.teacher.path is not None, "teacher.path", f"is required by method {self.method!r}")
         _check(self.teacher.lora.r == 0, "teacher.lora.r",
                "the teacher is frozen, it trains no adapter; give a LoRA-tuned teacher's adapter folder as teacher.adapter")
@@ -330,6 +336,10 @@ class Config:
 # Loading: YAML with line numbers, dotted overrides, type checking.
 
 
+# what yaml.safe_load raises besides YAMLError: deep nesting, and scalars Python cannot build (a date like 2024-13-01)
+_YAML_ERRORS = (yaml.YAMLError, RecursionError, ValueError, OverflowError)
+
+
 def _yaml_lines(text: str) -> dict[str, int]:
     """Map every dotted key in a YAML document to its (1-based) line."""
     lines: dict[str, int] = {}
@@ -343,7 +353,7 @@ def _yaml_lines(text: str) -> dict[str, int]:
 
     try:
         root = yaml.compose(text)
-    except yaml.YAMLError:
+    except _YAML_ERRORS:
         return lines
     if root is not None:
         walk(root, "")
@@ -378,7 +388,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise UserError(f"{key}: expected an integer, got {value!r}")
     if inner is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise UserError(f"{key}: {value} is too large for a number") from None
         if isinstance(value, str):
             try:
                 return float(value)  # YAML 1.1 reads "5e-6" as a string
@@ -455,7 +468,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"override {item!r}: the key before '=' is empty")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except _YAML_ERRORS:  # not a YAML scalar or list: the text itself
         value = raw
     return key.split("."), value
 
@@ -491,13 +504,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source = str(p)
         if not p.is_file():
             raise UserError(f"{p}: config file not found")
-        text = p.read_text()
+        text = decode_utf8(p.read_bytes(), p).removeprefix("\ufeff")
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        except RecursionError:
+            raise UserError(f"{p}: YAML nested deeper than the parser allows") from None
+        except (ValueError, OverflowError) as e:  # a scalar YAML reads but Python cannot build, e.g. the date 2024-13-01
+            raise UserError(f"{p}: not valid YAML ({e})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -132,6 +132,68 @@ def load_model(cfg: ModelConfig, key: str, device: torch.device, role: str) -> A
     return model
 
 
+# --- checks before anything loads (called by minillm.preflight.check_paths) --------------------
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+
+
+_MODEL_FILES = ("config.json", "adapter_config.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "config.json")
+
+
+def check_model_source(source: str, key: str, revision: str | None = None, tokenizer: bool = False) -> None:
+    """Refuse at once a model (or ``tokenizer``) path that cannot load: a missing ``.gguf`` file, a
+    folder without one in it, or a missing folder that is not a Hub id that can be reached now
+    (asked once, without transformers' retries)."""
+    from minillm.hub import check_hub_id
+
+    p = Path(source)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"{key}: {source}: GGUF file not found")
+        return
+    if p.is_dir():
+        wanted = _TOKENIZER_FILES if tokenizer else _MODEL_FILES
+        if not any((p / f).is_file() for f in wanted):
+            what = "a tokenizer (tokenizer_config.json)" if tokenizer else "a model (config.json)"
+            raise UserError(f"{key}: {source}: a folder without {what}; point it at a saved model "
+                            "(a run's best/ or final/ folder, or one written by save_pretrained)")
+        return
+    if p.exists():
+        raise UserError(f"{key}: {source}: a file; give a model folder, a .gguf file or a Hub id")
+    check_hub_id(source, key, "model", revision)
+
+
+def model_context(config: Any) -> tuple[int, str] | None:
+    """(the longest sequence the model's positions cover, the config field saying so), or None
+    when the config names no such limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _CONTEXT_KEYS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def check_context(cfg: ModelConfig, key: str, max_len: int) -> None:
+    """Refuse a model whose context is shorter than ``data.max_len`` (GPT-2 would fail deep inside
+    its position embedding; rotary models would silently run past what they were trained on).
+    Reads only the model's config, before any weights load."""
+    from transformers import AutoConfig
+
+    where, extra = split_gguf(cfg.path or "")
+    try:
+        config = AutoConfig.from_pretrained(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: could not read the model config of {cfg.path!r}: {_short(e)}") from None
+    found = model_context(config)
+    if found is not None and found[0] < max_len:
+        n, name = found
+        raise UserError(f"data.max_len: {max_len} tokens is longer than the context of {key} {cfg.path!r} ({n} tokens, "
+                        f"config {name}); set data.max_len to at most {n} (with data.max_prompt_len below it) or pick a model "
+                        "with a longer context")
+
+
 def check_same_vocabulary(student_tok: Any, teacher_tok: Any) -> int:
     """Refuse a pair whose tokenizers differ; return the size of the shared real vocabulary."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()

@@ -36,6 +36,7 @@ from minillm.parallel import (
     reduce_gradients,
     save_model,
 )
+from minillm.preflight import check_paths
 from minillm.validate import validate
 
 log = logging.getLogger("minillm")
@@ -54,6 +55,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
     """Run ``cfg.method`` to ``train.max_steps``; return the output folder. Under ``torchrun``
     every rank runs this same loop on its share of each step (:mod:`minillm.distributed`)."""
     cfg.validate_for_training()
+    check_paths(cfg, "train")  # every path and each model's context, before any model loads
     dist = init_distributed(cfg.train, need_group=cfg.train.parallel == "fsdp" or cfg.train.teacher_sharding == "shard")
     try:
         out = dist.on_main(lambda: prepare_output_dir(cfg))  # rank 0 checks and writes; every rank gets its verdict
