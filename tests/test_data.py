@@ -164,10 +164,14 @@ def test_json_list_file(tmp_path: Path) -> None:
     p.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]))
     ex = read_examples(str(p))
     assert [e.instruction for e in ex] == ["a", "c"] and ex[1].source == f"{p}[1]"
-    one = tmp_path / "one.json"  # one object: a test-set loader reads it (raw S-NI task), training data does not
+    one = tmp_path / "one.json"  # one record object (a raw S-NI task file, say): read by training and evaluation alike
     one.write_text(json.dumps({"instruction": "Say hi", "instances": [{"input": "", "output": "hi"}]}))
-    with pytest.raises(UserError, match=r"one\.json: a \.json data file must hold a list of records"):
-        read_examples(str(one))
+    (ex,) = read_examples(str(one))
+    assert (ex.instruction, ex.response, ex.source) == ("Say hi", "hi", f"{one} (instances[0])")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps("just a string"))
+    with pytest.raises(UserError, match=r"bad\.json: a \.json data file must hold a list of records or one record object"):
+        read_examples(str(bad))
 
 
 def test_saved_hf_dataset_and_splits(tmp_path: Path) -> None:
@@ -448,7 +452,7 @@ def test_load_run_data_with_valid_file_and_no_usable_example(tmp_path: Path, tok
     base = [f"data.train={train}", f"data.valid={valid}", "data.template=raw", "data.max_len=16", "generation.max_new_tokens=8"]
     data = load_run_data(load_config(None, [*base, "data.max_prompt_len=8"]), tok)
     assert len(data.train) == 3 and len(data.valid) == 1
-    with pytest.raises(UserError, match=r"data.train: no usable example .* 3 prompts over data.max_prompt_len=2"):
+    with pytest.raises(UserError, match=r"data.train: no usable example .*: dropped 3 with a prompt over data.max_prompt_len=2"):
         load_run_data(load_config(None, [*base, "data.max_prompt_len=2"]), tok)
 
 

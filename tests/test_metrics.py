@@ -464,11 +464,11 @@ def test_loaders_read_the_raw_releases_and_vicuna_references(tmp_path: Path) -> 
         ("sni", {"input": "i", "output": ["o"]}, "'definition'"),
         ("unni", {"instruction": "x", "input": "y"}, "needs an 'output'"),
         ("unni", {"instruction": "x", "output": "y", "reformulations": [{"instruction": "z"}]}, r"reformulations\[0\]"),
-        ("dolly", {"instruction": "   ", "response": "y"}, "instruction is empty"),
+        ("dolly", {"instruction": "   ", "response": "y"}, "the prompt is empty"),
         ("dolly", {"instruction": "x", "response": "  "}, "reference 1 of 1 is blank"),
         ("sni", {"definition": "d", "output": ["ok", ""]}, "reference 2 of 2 is blank"),
         ("prompt_response", {"prompt": " ", "response": "y"}, "the prompt is empty"),
-        ("unni", {"instruction": "x", "instances": [{"input": "a"}]}, r"instances\[0\]\): expected an object"),
+        ("unni", {"instruction": "x", "instances": [{"input": "a"}]}, r"instances\[0\]\): field 'output' is missing"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path: Path, fmt: str, record: dict, message: str) -> None:

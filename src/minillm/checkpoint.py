@@ -1,10 +1,21 @@
 """Atomic checkpoints: written to a temp folder, then renamed; a crash never leaves half of one.
 
-``output_dir/checkpoints/step_00000100/`` holds ``model/`` (Hugging Face format, loadable as is)
-and the trainer state (optimizer, scheduler, RNG states, the method's data position and any
-unfinished rollout experience) as ``trainer_state.json`` + ``trainer_state.safetensors``
-(:mod:`minillm.statefile`): nothing in a checkpoint is unpickled, so a checkpoint folder handed to
-you cannot run code. Only the newest ``keep_last`` are kept.
+``output_dir/checkpoints/step_00000100/`` holds the trainer state (scheduler, RNG states, the
+method's data position and any unfinished rollout experience) as ``trainer_state.json`` +
+``trainer_state.safetensors`` (:mod:`minillm.statefile`): nothing in a checkpoint is unpickled, so a
+checkpoint folder handed to you cannot run code. The weights and the optimizer state come in one of
+two forms:
+
+* one process: ``model/`` in Hugging Face format (loadable as is; a LoRA student's adapter in peft's
+  format) and the optimizer inside the trainer state;
+* a distributed run (several ranks, or a sharded student): ``dcp/``, a
+  ``torch.distributed.checkpoint`` of the model and the optimizer, written by every rank in
+  parallel, each its own shards, plus ``model/`` with the config and tokenizer. It loads on any
+  number of ranks, sharded or not, and in one process (DCP reshards on load);
+  ``minillm export`` turns it into a Hugging Face folder. Under several nodes ``output_dir`` must
+  be on a filesystem every node sees.
+
+Only the newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -17,11 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from minillm.distributed import Dist
 from minillm.errors import UserError
+from minillm.lora import is_lora, load_adapter_weights
+from minillm.parallel import is_sharded
 from minillm.statefile import load_state, save_state, state_files
 
 STATE = "trainer_state"  # trainer_state.json + trainer_state.safetensors
 LEGACY_STATE_FILE = "trainer_state.pt"  # checkpoints written before 0.2 (a pickle: read with weights_only=True)
+DCP_DIR = "dcp"  # a distributed checkpoint of the model and the optimizer
 
 
 def rng_state() -> dict[str, Any]:
@@ -57,10 +72,11 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
 
 class Checkpointer:
-    """Save / find / restore training checkpoints under ``root``."""
+    """Save / find / restore training checkpoints under ``root``. In a distributed run every rank
+    calls :meth:`save` and :meth:`load`; rank 0 alone writes the trainer state and renames."""
 
-    def __init__(self, root: Path, keep_last: int) -> None:
-        self.root, self.keep_last = Path(root), keep_last
+    def __init__(self, root: Path, keep_last: int, dist: Dist | None = None) -> None:
+        self.root, self.keep_last, self.dist = Path(root), keep_last, dist or Dist()
 
     def all(self) -> list[Path]:
         if not self.root.is_dir():
@@ -71,29 +87,99 @@ class Checkpointer:
         ckpts = self.all()
         return ckpts[-1] if ckpts else None
 
-    def save(self, step: int, model: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
+    def save(self, step: int, model: Any, opt: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones."""
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp_step_{step:08d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "model")
-        save_state({**state, "rng": rng_state(), "step": step}, tmp, STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in self.all()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        main, sharded_form = self.dist.main, self.dist.world > 1 or is_sharded(model)
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "model").mkdir(parents=True)
+        self.dist.barrier()
+        if sharded_form:
+            save_distributed(model, opt, tmp / DCP_DIR)
+            if main:
+                model.config.save_pretrained(tmp / "model")
+        elif main:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            state = {**state, "optimizer": opt.state_dict()}
+        if main:
+            tokenizer.save_pretrained(tmp / "model")
+            save_state({**state, "rng": rng_state(), "step": step}, tmp, STATE)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.all()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return final
 
-    def load(self, path: Path, model: Any) -> dict[str, Any]:
-        """Restore the model's weights and the RNG; return the saved trainer state."""
-        load_weights(model, path / "model")
+    def load(self, path: Path, model: Any, opt: Any) -> dict[str, Any]:
+        """Restore the model's weights, the optimizer and the RNG; return the saved trainer state."""
         state = read_state(path)
+        if (path / DCP_DIR).is_dir():
+            load_distributed(model, opt, path / DCP_DIR)
+        else:
+            if is_sharded(model):
+                raise UserError(f"{path}: was written by a one-process run; resume it with train.parallel=ddp "
+                                "(its checkpoints after that load anywhere)")
+            load_model_folder(model, path / "model")
+            opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         return state
+
+
+def load_model_folder(model: Any, folder: Path) -> None:
+    """The weights of a one-process checkpoint's ``model/`` (a LoRA student's: its adapter)."""
+    if is_lora(model):
+        load_adapter_weights(model, folder)
+    else:
+        load_weights(model, folder)
+
+
+def _state_dict_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen weights (a LoRA student's base) are not saved: they come from student.path again
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def save_distributed(model: Any, opt: Any, folder: Path) -> None:
+    """``torch.distributed.checkpoint`` of the model's trained weights and the optimizer: each rank
+    writes its own shards (one copy of replicated tensors in all)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=_state_dict_options())
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+
+
+def load_distributed(model: Any, opt: Any | None, folder: Path) -> None:
+    """Load a :func:`save_distributed` checkpoint into ``model`` (and ``opt``), whatever the number of
+    ranks it was written on and whether ``model`` is sharded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    opts = _state_dict_options()
+    try:
+        if opt is None:
+            msd = get_model_state_dict(model, options=opts)
+            dcp.load({"model": msd}, checkpoint_id=str(folder))
+            set_model_state_dict(model, msd, options=opts)
+            return
+        msd, osd = get_state_dict(model, opt, options=opts)
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=opts)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"{folder}: does not fit this run's student ({first}); student.* must match the run that wrote it") from None
 
 
 def _has_state(folder: Path) -> bool:

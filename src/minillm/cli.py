@@ -73,8 +73,26 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
 
     cfg = _load(config, overrides)
     with progress_bar() as bar:
-        out = run_train(cfg, progress=bar if cfg.train.progress else None)
-    click.echo(f"done: student saved in {out / 'final'} (best checkpoint: {out / 'best'})")
+        out = run_train(cfg, progress=bar if cfg.train.progress and _is_main_rank() else None)
+    if _is_main_rank():
+        click.echo(f"done: student saved in {out / 'final'} (best checkpoint: {out / 'best'})")
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process: the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, help="Folder for the Hugging Face model (safetensors + tokenizer).")
+@click.option("--step", type=int, default=None, help="Export this step's checkpoint (default: the newest).")
+def export(run_dir: str, out: str, step: int | None) -> None:
+    """Consolidate a run's checkpoint (one-process or distributed) into a Hugging Face folder."""
+    from minillm.export import export as run_export
+
+    path = run_export(Path(run_dir), Path(out), step)
+    click.echo(f"exported to {path}")
 
 
 @cli.command()
@@ -224,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        if _is_main_rank():  # every rank of a torchrun launch refuses the same input: say it once
+            click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; finished checkpoints are kept, rerun the same command to resume", err=True)

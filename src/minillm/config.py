@@ -25,8 +25,10 @@ from typing import Any, Union
 import yaml
 
 from minillm.errors import UserError
+from minillm.textio import decode_utf8
 
 METHODS = ("sft", "minillm", "kd", "seqkd")
+TEACHER_METHODS = ("minillm", "kd")  # methods that load teacher.path (their classes say needs_teacher)
 WHITEN = ("none", "rollout", "minibatch_padded")
 ALPHA_SCHEDULES = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb")
@@ -56,11 +58,30 @@ RECIPES: dict[str, dict[str, Any]] = {
 TEMPLATES = ("alpaca", "chat", "raw")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARALLEL = ("ddp", "fsdp")
+TEACHER_SHARDING = ("auto", "whole", "shard")
+# the names of minillm.data.formats.FORMATS (a test keeps them equal), for data.format and eval.format
+DATA_FORMATS = ("auto", "dolly", "selfinst", "vicuna", "sni", "unni", "prompt_response")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise UserError(f"{key}: {msg}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters trained in place of the student's weights (through ``peft``; ``r: 0`` = off)."""
+
+    r: int = 0  # adapter rank; 0: no adapter, every weight of the student is trained
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] = field(default_factory=list)  # module names to adapt (e.g. [q_proj, v_proj]); empty: peft's default for the architecture
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "r", "must be >= 0 (0 turns LoRA off)")
+        _check(self.alpha > 0, "alpha", "must be positive")
+        _check(0 <= self.dropout < 1, "dropout", "must lie in [0, 1)")
 
 
 @dataclass
@@ -72,6 +93,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # run model code shipped with a Hub repo (off unless you trust it)
     revision: str | None = None  # Hub branch, tag or commit
     tokenizer: str | None = None  # defaults to `path` (a GGUF file carries its tokenizer)
+    adapter: str | None = None  # a PEFT LoRA adapter folder trained on `path`: merged into the weights when loaded
+    lora: LoraConfig = field(default_factory=LoraConfig)  # student only: train LoRA adapters (see student.lora.*)
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -83,6 +106,7 @@ class DataConfig:
 
     train: str | None = None  # JSONL / JSON file, saved dataset folder or Hub dataset id
     valid: str | None = None  # same forms; unset: held out of `train` (see valid_split, valid_size)
+    format: str = "auto"  # format of train and valid: auto (from the first record), dolly, selfinst, vicuna, sni, unni, prompt_response
     pretrain: str | None = None  # .txt (one document per line) or .jsonl corpus for the L_PT loss; unset: no L_PT
     template: str = "alpaca"  # alpaca (the paper), chat (the tokenizer's chat template) or raw (prompt as is)
     max_prompt_len: int = 256  # longer prompts are skipped and counted, never truncated
@@ -96,6 +120,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.template in TEMPLATES, "data.template", f"must be one of {TEMPLATES}, got {self.template!r}")
+        _check(self.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {self.format!r}")
         _check(self.max_prompt_len > 0, "data.max_prompt_len", "must be positive")
         _check(
             self.max_len > self.max_prompt_len,
@@ -140,6 +165,10 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard and/or wandb (optional extras): metrics.jsonl rows, resolved config, git commit
     wandb_project: str = "minillm"  # W&B project (report_to: wandb)
     wandb_mode: str = "offline"  # offline (no network; `wandb sync` later) or online
+    parallel: str = "ddp"  # under torchrun: ddp (whole student per rank, gradients all-reduced) or fsdp (FSDP2 shards its weights, gradients, optimizer state)
+    teacher_sharding: str = "auto"  # auto: whole on each rank when its weights take under 40% of one GPU (always on CPU), else FSDP2-sharded; or whole / shard
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward: less memory, about a third more compute
+    dist_timeout_s: float = 1800.0  # a collective waiting longer fails the run: a stuck rank becomes an error, not a hang
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
@@ -169,6 +198,10 @@ class TrainConfig:
         _check(len(self.adam_betas) == 2 and all(0 <= x < 1 for x in self.adam_betas), "train.adam_betas",
                "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
         _check(self.epochs is None or self.epochs > 0, "train.epochs", "must be positive")
+        _check(self.parallel in PARALLEL, "train.parallel", f"must be one of {PARALLEL}, got {self.parallel!r}")
+        _check(self.teacher_sharding in TEACHER_SHARDING, "train.teacher_sharding",
+               f"must be one of {TEACHER_SHARDING}, got {self.teacher_sharding!r}")
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
 
     @property
     def sequences_per_step(self) -> int:
@@ -282,7 +315,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         metrics = ("rouge_l", "exact_match", "dist_4", "self_bleu", "lm_loss", "length", "length_words")
-        formats = ("auto", "dolly", "selfinst", "vicuna", "sni", "unni", "prompt_response")
+        formats = DATA_FORMATS
         _check(len(self.seeds) >= 1, "eval.seeds", "needs at least one seed")
         _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds", f"has a repeated seed: {self.seeds}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be positive")
@@ -329,8 +362,10 @@ class Config:
         """Checks that only apply when a run trains (eval-only configs skip them)."""
         _check(self.student.path is not None, "student.path", "is required: a Hub id, a local folder or a .gguf file")
         _check(self.data.train is not None, "data.train", "is required: a JSONL file or a Hugging Face dataset")
-        if self.method in ("minillm", "kd"):
+        if self.method in TEACHER_METHODS:
             _check(self.teacher.path is not None, "teacher.path", f"is required by method {self.method!r}")
+        _check(self.teacher.lora.r == 0, "teacher.lora.r",
+               "the teacher is frozen, it trains no adapter; give a LoRA-tuned teacher's adapter folder as teacher.adapter")
         if self.method == "minillm":
             m, t = self.minillm, self.train
             _check(
@@ -348,6 +383,10 @@ class Config:
 # Loading: YAML with line numbers, dotted overrides, type checking.
 
 
+# what yaml.safe_load raises besides YAMLError: deep nesting, and scalars Python cannot build (a date like 2024-13-01)
+_YAML_ERRORS = (yaml.YAMLError, RecursionError, ValueError, OverflowError)
+
+
 def _yaml_lines(text: str) -> dict[str, int]:
     """Map every dotted key in a YAML document to its (1-based) line."""
     lines: dict[str, int] = {}
@@ -361,7 +400,7 @@ def _yaml_lines(text: str) -> dict[str, int]:
 
     try:
         root = yaml.compose(text)
-    except yaml.YAMLError:
+    except _YAML_ERRORS:
         return lines
     if root is not None:
         walk(root, "")
@@ -404,7 +443,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise UserError(f"{key}: expected an integer, got {value!r}")
     if inner is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise UserError(f"{key}: {value} is too large for a number") from None
         if isinstance(value, str):
             try:
                 return float(value)  # YAML 1.1 reads "5e-6" as a string
@@ -481,7 +523,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"override {item!r}: the key before '=' is empty")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except _YAML_ERRORS:  # not a YAML scalar or list: the text itself
         value = raw
     return key.split("."), value
 
@@ -534,13 +576,17 @@ def read_yaml(p: Path) -> tuple[dict[str, Any], dict[str, int]]:
     a missing file or bad YAML is a :class:`UserError` naming the file (and line)."""
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
-    text = p.read_text()
+    text = decode_utf8(p.read_bytes(), p).removeprefix("\ufeff")
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise UserError(f"{p}: YAML nested deeper than the parser allows") from None
+    except (ValueError, OverflowError) as e:  # a scalar YAML reads but Python cannot build, e.g. the date 2024-13-01
+        raise UserError(f"{p}: not valid YAML ({e})") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):

@@ -18,6 +18,7 @@ from minillm import config as C
 SECTIONS = [
     ("", C.Config, "Top level"),
     ("teacher.", C.ModelConfig, "`teacher.*` and `student.*` (same keys)"),
+    ("student.lora.", C.LoraConfig, "`student.lora.*`"),
     ("data.", C.DataConfig, "`data.*`"),
     ("train.", C.TrainConfig, "`train.*`"),
     ("generation.", C.GenerationConfig, "`generation.*`"),

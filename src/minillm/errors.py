@@ -7,8 +7,14 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, bad data, missing file).
 
     The CLI prints ``str(error)`` on one line and exits with status 2. The message names the
-    file, line or key at fault, what is wrong and how to fix it.
+    file, line or key at fault, what is wrong and how to fix it. A message that quotes a
+    multi-line text (a parser's error, say) is joined into one line here.
     """
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        lines = text.splitlines()
+        super().__init__(text if lines == [text] else " ".join(part.strip() for part in lines if part.strip()))
 
 
 def where(path: object, line: int | None = None) -> str:

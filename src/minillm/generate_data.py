@@ -33,6 +33,7 @@ from minillm.data import Example, split_examples
 from minillm.data.instruct import encode_examples
 from minillm.errors import UserError
 from minillm.models import autocast_dtype, load_model, load_tokenizer, resolve_device
+from minillm.preflight import check_paths
 from minillm.rollout import row_seeds, sample, stop_token_ids
 
 log = logging.getLogger("minillm")
@@ -200,6 +201,7 @@ def run_generate(cfg: Config, out: str | Path | None = None, samples: int = 1, w
         raise UserError(f"{which}.path: is required by `minillm generate --model {which}`")
     if cfg.data.train is None:
         raise UserError("data.train: is required: the prompts to answer")
+    check_paths(cfg, "generate", which)
     path = Path(out) if out is not None else Path(cfg.output_dir) / "generated.jsonl"
     if path.is_dir():
         raise UserError(f"--out: {path} is a folder; give a .jsonl file path")

@@ -9,13 +9,15 @@ logits are cut to it (:func:`vocab_logits`) before any loss or sampling.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from minillm.config import Config, ModelConfig
+from minillm.distributed import Dist
 from minillm.errors import UserError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,11 +121,77 @@ def load_model(cfg: ModelConfig, key: str, device: torch.device, role: str) -> A
     except (OSError, ValueError) as e:
         hint = "" if os.path.exists(where) else " (not a local folder; Hub ids need network access)"
         raise UserError(f"{key}.path: could not load a causal LM from {cfg.path!r}{hint}: {_short(e)}") from None
+    if cfg.adapter is not None:
+        from minillm.lora import merge_adapter
+
+        model = merge_adapter(model, cfg.adapter, key)
     model.to(device)
     if role == "teacher":
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+# --- checks before anything loads (called by minillm.preflight.check_paths) --------------------
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+
+
+_MODEL_FILES = ("config.json", "adapter_config.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "config.json")
+
+
+def check_model_source(source: str, key: str, revision: str | None = None, tokenizer: bool = False) -> None:
+    """Refuse at once a model (or ``tokenizer``) path that cannot load: a missing ``.gguf`` file, a
+    folder without one in it, or a missing folder that is not a Hub id that can be reached now
+    (asked once, without transformers' retries)."""
+    from minillm.hub import check_hub_id
+
+    p = Path(source)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"{key}: {source}: GGUF file not found")
+        return
+    if p.is_dir():
+        wanted = _TOKENIZER_FILES if tokenizer else _MODEL_FILES
+        if not any((p / f).is_file() for f in wanted):
+            what = "a tokenizer (tokenizer_config.json)" if tokenizer else "a model (config.json)"
+            raise UserError(f"{key}: {source}: a folder without {what}; point it at a saved model "
+                            "(a run's best/ or final/ folder, or one written by save_pretrained)")
+        return
+    if p.exists():
+        raise UserError(f"{key}: {source}: a file; give a model folder, a .gguf file or a Hub id")
+    check_hub_id(source, key, "model", revision)
+
+
+def model_context(config: Any) -> tuple[int, str] | None:
+    """(the longest sequence the model's positions cover, the config field saying so), or None
+    when the config names no such limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _CONTEXT_KEYS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def check_context(cfg: ModelConfig, key: str, max_len: int) -> None:
+    """Refuse a model whose context is shorter than ``data.max_len`` (GPT-2 would fail deep inside
+    its position embedding; rotary models would silently run past what they were trained on).
+    Reads only the model's config, before any weights load."""
+    from transformers import AutoConfig
+
+    where, extra = split_gguf(cfg.path or "")
+    try:
+        config = AutoConfig.from_pretrained(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}: could not read the model config of {cfg.path!r}: {_short(e)}") from None
+    found = model_context(config)
+    if found is not None and found[0] < max_len:
+        n, name = found
+        raise UserError(f"data.max_len: {max_len} tokens is longer than the context of {key} {cfg.path!r} ({n} tokens, "
+                        f"config {name}); set data.max_len to at most {n} (with data.max_prompt_len below it) or pick a model "
+                        "with a longer context")
 
 
 def check_same_vocabulary(student_tok: Any, teacher_tok: Any) -> int:
@@ -154,11 +222,13 @@ class Models:
     tokenizer: Any
     vocab_size: int
     device: torch.device
+    dist: Dist = field(default_factory=Dist)  # this process's rank in the run (a world of one by default)
 
 
-def load_models(cfg: Config, need_teacher: bool) -> Models:
-    """Load the student (and the teacher when the method needs one) and check the pair."""
-    device = resolve_device(cfg.train.device)
+def load_models(cfg: Config, need_teacher: bool, device: torch.device | None = None) -> Models:
+    """Load the student (and the teacher when the method needs one) and check the pair; on
+    ``device`` when given (a distributed run stages models in host memory), else on ``train.device``."""
+    device = device or resolve_device(cfg.train.device)
     tok = load_tokenizer(cfg.student, "student")
     vocab = len(tok.get_vocab())
     teacher = None
@@ -174,16 +244,27 @@ def load_models(cfg: Config, need_teacher: bool) -> Models:
     return Models(student, teacher, tok, vocab, device)
 
 
-def save_student(model: Any, tokenizer: Any, out: Path) -> None:
-    """Save in Hugging Face format (safetensors + tokenizer), written to a temp folder then renamed."""
+def save_student(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save in Hugging Face format (safetensors + tokenizer), written to a temp folder then renamed;
+    ``state_dict`` (e.g. gathered from a sharded model) replaces the model's own."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+
+    write_folder(out, write)
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Fill folder ``out`` through ``write(tmp)`` on a temp folder, then swap it in: a reader sees
+    the old folder or the new one, never half of one."""
     import shutil
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    write(tmp)
     old = out.with_name(out.name + ".old")
     if out.exists():
         if old.exists():

@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,7 @@ def sample(
     no_repeat_ngram_size: int = 0,
     autocast: torch.dtype | None = None,
     engine: str = "eager",
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample one response per prompt from (1 - alpha) q + alpha p (q = ``model``, p = ``teacher``).
 
@@ -189,10 +190,13 @@ def sample(
     right-padded responses; a row stops at the first token in ``stop_ids`` (kept, masked in).
     ``engine``: "eager" (this loop, dynamic caches), "static" (static caches, one CUDA graph per
     step on GPU: :mod:`minillm.engine`) or "auto" (static on CUDA, eager elsewhere).
+    ``all_done(local_done) -> bool`` decides when the loop stops from whether this batch's rows
+    are all done (default: that alone); under a sharded model every rank must keep stepping until
+    all are (:meth:`minillm.distributed.Dist.all_done`), and this plain loop runs.
     """
     device = next(model.parameters()).device
     chosen = _auto_engine(device) if engine == "auto" else engine
-    if chosen == "static" and not no_repeat_ngram_size:
+    if chosen == "static" and not no_repeat_ngram_size and all_done is None:
         from minillm.engine import engine_sample
 
         try:
@@ -215,6 +219,7 @@ def sample(
         raise ValueError("teacher-mixed sampling (alpha > 0) needs a teacher")
     log_a, log_1ma = (math.log(alpha), math.log1p(-alpha)) if alpha > 0 else (0.0, 0.0)
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    decide = all_done or bool  # when the loop ends, given whether this batch's rows are all done
 
     attn = attn_BP
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -247,7 +252,7 @@ def sample(
                 if not done[b]:
                     history[b].append(int(y[b]))
         done = done | torch.isin(y, stop)
-        if bool(done.all()):
+        if decide(bool(done.all())):
             break
         step_ids = y[:, None]
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)

@@ -24,10 +24,19 @@ import torch
 from minillm.checkpoint import Checkpointer
 from minillm.config import Config, config_hash, save_config
 from minillm.data import load_run_data
+from minillm.distributed import Dist, init_distributed
 from minillm.errors import UserError
 from minillm.methods import Experience, Method, get_method
 from minillm.methods.base import Batch
-from minillm.models import load_models, save_student
+from minillm.parallel import (
+    decoding_config,
+    gathered,
+    gradient_factor,
+    load_placed_models,
+    reduce_gradients,
+    save_model,
+)
+from minillm.preflight import check_paths
 from minillm.tracking import Tracker
 from minillm.validate import validate
 
@@ -44,67 +53,99 @@ class TrainState:
 
 
 def train(cfg: Config, progress: Any = None) -> Path:
-    """Run ``cfg.method`` to ``train.max_steps``; return the output folder."""
+    """Run ``cfg.method`` to ``train.max_steps``; return the output folder. Under ``torchrun``
+    every rank runs this same loop on its share of each step (:mod:`minillm.distributed`)."""
     cfg.validate_for_training()
-    out = prepare_output_dir(cfg)
-    seed_everything(cfg.seed)
-    method_cls = get_method(cfg.method)
-    models = load_models(cfg, need_teacher=method_cls.needs_teacher)
-    data = load_run_data(cfg, models.tokenizer)
-    method: Method = method_cls(cfg, models, data)
-    model = models.student
-    max_steps = method.max_steps = resolve_max_steps(cfg, len(data.train))
-    opt, sched = build_optimizer(cfg, model, max_steps)
-    scaler = loss_scaler(method, model)
-    ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last)
-    state = TrainState()
-    if cfg.train.resume and (latest := ckpt.latest()) is not None:
-        state = restore(ckpt, latest, model, opt, sched, method, scaler)
-        log.info("resumed from %s (step %d)", latest, state.step)
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step)
-    tracker = Tracker(cfg, out, max_steps, state.step, progress)  # train.report_to, and log lines without a terminal
-    select_key = "valid_rouge_l" if cfg.train.select_by == "rouge_l" else "valid_loss"
-    task = progress.add_task(f"{cfg.method} ", total=max_steps, completed=state.step) if progress else None
+    check_paths(cfg, "train")  # every path and each model's context, before any model loads
+    dist = init_distributed(cfg.train, need_group=cfg.train.parallel == "fsdp" or cfg.train.teacher_sharding == "shard")
+    try:
+        out = dist.on_main(lambda: prepare_output_dir(cfg))  # rank 0 checks and writes; every rank gets its verdict
+        seed_everything(cfg.seed)
+        method_cls = get_method(cfg.method)
+        models = load_placed_models(cfg, method_cls.needs_teacher, dist)  # LoRA, FSDP2 / whole copies (logged)
+        cfg = decoding_config(cfg, models)
+        check_split(cfg, dist)
+        data = load_run_data(cfg, models.tokenizer)
+        method: Method = method_cls(cfg, models, data)
+        model = models.student
+        max_steps = method.max_steps = resolve_max_steps(cfg, len(data.train))
+        opt, sched = build_optimizer(cfg, model, max_steps)
+        scaler = loss_scaler(method, model)
+        ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last, dist)
+        state = TrainState()
+        if cfg.train.resume and (latest := dist.on_main(ckpt.latest)) is not None:
+            state = restore(ckpt, latest, model, opt, sched, method, scaler)
+            log.info("resumed from %s (step %d)", latest, state.step)
+        metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step) if dist.main else None
+        tracker = Tracker(cfg, out, max_steps, state.step, progress) if dist.main else None  # train.report_to, log lines
+        select_key = "valid_rouge_l" if cfg.train.select_by == "rouge_l" else "valid_loss"
+        progress = progress if dist.main else None
+        task = progress.add_task(f"{cfg.method} ", total=max_steps, completed=state.step) if progress else None
 
-    while state.step < max_steps:
-        t0 = time.perf_counter()
-        fresh = state.exp is None
-        if fresh:  # phase: rollout + score (on-policy) or next data batch
-            state.exp, state.next_update = method.collect(state.step), 0
-        exp = state.exp
-        if not exp.updates:
-            raise UserError("every rollout was empty (the student stops at once); check the tokenizer's EOS and the prompts")
-        micro_batches = exp.updates[state.next_update]
-        state.next_update += 1
-        model.train(method.dropout)
-        row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip, scaler)  # phase: loss, backward, step
-        sched.step()
-        if state.next_update >= len(exp.updates):
-            state.exp = None
-        state.step += 1
-        dt = time.perf_counter() - t0
-        row.update(step=state.step, lr=sched.get_last_lr()[0], step_time_s=dt, tokens_per_s=row.pop("tokens") / dt,
-                   **exp.metrics, **(exp.once if fresh else {}))
-        if state.step % cfg.train.eval_every == 0 or state.step == max_steps:  # phase: evaluate
-            row.update(validate(cfg, model, models.tokenizer, models.vocab_size, data.valid, data.valid_examples, method.autocast))
-            score = row.get(select_key)
-            if score is not None and is_better(score, state.best, cfg.train.select_by):
-                state.best, state.best_step = score, state.step
-                save_student(model, models.tokenizer, out / "best")
-        metrics.write(row)  # phase: log
-        tracker.log(row)
-        if progress is not None:
-            progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
-        if state.step % cfg.train.save_every == 0 or state.step == max_steps:  # phase: checkpoint
-            ckpt.save(state.step, model, models.tokenizer, snapshot(state, opt, sched, method, scaler))
+        while state.step < max_steps:
+            t0 = time.perf_counter()
+            fresh = state.exp is None
+            if fresh:  # phase: rollout + score (on-policy) or next data batch; every rank holds the global experience
+                with gathered(model):
+                    state.exp, state.next_update = method.collect(state.step), 0
+            exp = state.exp
+            if not exp.updates:
+                raise UserError("every rollout was empty (the student stops at once); check the tokenizer's EOS and the prompts")
+            micro_batches = exp.updates[state.next_update]
+            state.next_update += 1
+            model.train(method.dropout)
+            row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip, scaler, dist)  # phase: loss, backward, step
+            sched.step()
+            if state.next_update >= len(exp.updates):
+                state.exp = None
+            state.step += 1
+            dt = dist.max_value(time.perf_counter() - t0)
+            row.update(step=state.step, lr=sched.get_last_lr()[0], step_time_s=dt, tokens_per_s=row.pop("tokens") / dt,
+                       **exp.metrics, **(exp.once if fresh else {}))
+            if state.step % cfg.train.eval_every == 0 or state.step == max_steps:  # phase: evaluate
+                with gathered(model):
+                    row.update(validate(cfg, model, models.tokenizer, models.vocab_size, data.valid, data.valid_examples,
+                                        method.autocast, dist))
+                score = row.get(select_key)
+                if score is not None and is_better(score, state.best, cfg.train.select_by):
+                    state.best, state.best_step = score, state.step
+                    save_model(models, out / "best")
+            if metrics is not None:  # phase: log
+                metrics.write(row)
+            if tracker is not None:
+                tracker.log(row)
+            if progress is not None:
+                progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
+            if state.step % cfg.train.save_every == 0 or state.step == max_steps:  # phase: checkpoint
+                ckpt.save(state.step, model, opt, models.tokenizer, snapshot(state, sched, method, scaler))
 
-    tracker.close()
-    save_student(model, models.tokenizer, out / "final")
-    if not (out / "best").exists():
-        save_student(model, models.tokenizer, out / "best")
-    (out / "summary.json").write_text(json.dumps({"method": cfg.method, "steps": state.step, "best_step": state.best_step,
-                                                  "best": state.best, "select_by": cfg.train.select_by}, indent=2))
-    return out
+        if tracker is not None:
+            tracker.close()
+        save_model(models, out / "final")
+        if not dist.on_main(lambda: (out / "best").exists()):
+            save_model(models, out / "best")
+        if dist.main:
+            summary = {"method": cfg.method, "steps": state.step, "best_step": state.best_step, "best": state.best,
+                       "select_by": cfg.train.select_by, "world_size": dist.world, "parallel": cfg.train.parallel}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        dist.barrier()
+        return out
+    finally:
+        dist.close()
+
+
+def check_split(cfg: Config, dist: Dist) -> None:
+    """Refuse a split that would leave ranks out of step, and say when one wastes work."""
+    if dist.world == 1:
+        return
+    n = cfg.minillm.rollouts_per_step
+    if dist.lockstep and cfg.method == "minillm" and n % dist.world:
+        # a sharded teacher's forward is a collective: every rank must decode and score as many batches
+        raise UserError(f"minillm.rollouts_per_step: {n} prompts do not split evenly over {dist.world} ranks, which a "
+                        "sharded teacher needs (ranks decode in lockstep); use a multiple of the world size")
+    if cfg.train.grad_accum % dist.world:
+        log.warning("train.grad_accum=%d over %d ranks: some ranks run a padding micro-batch in each step; "
+                    "a multiple of the world size wastes none", cfg.train.grad_accum, dist.world)
 
 
 def loss_scaler(method: Method, model: Any) -> torch.amp.GradScaler:
@@ -122,31 +163,39 @@ def loss_scaler(method: Method, model: Any) -> torch.amp.GradScaler:
 
 def optimise(
     method: Method, model: Any, micro_batches: list[Batch], opt: torch.optim.Optimizer, grad_clip: float,
-    scaler: torch.amp.GradScaler | None = None,
+    scaler: torch.amp.GradScaler | None = None, dist: Dist | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over ``micro_batches``; each term is normalised by its global token count.
+    """One optimizer step over ``micro_batches`` (the step's global list); each term is normalised
+    by its global token count. Under several ranks each runs its share (:meth:`Dist.share`) and the
+    gradients and logged sums are added up over ranks, so the step is the one-process step.
 
     With an enabled ``scaler`` the gradients are unscaled before clipping, and a step whose
     gradients overflowed is skipped (the scale is lowered) as :class:`torch.amp.GradScaler` does."""
     scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)  # pass-through
+    dist = dist or Dist()
     counts = token_counts(micro_batches)
+    factor = gradient_factor(model, dist)
     sums: dict[str, float] = {}
     loss_total, tokens = 0.0, 0
-    for mb in micro_batches:
+    for mb, real in dist.share(micro_batches):
         terms = method.loss_terms(model, mb)
         loss = None
         for name, term in terms.items():
             mask = mb[term.mask].to(term.values.device)
             part = torch.where(mask != 0, term.values, 0.0).mul(mask).sum() / counts[term.mask]  # inf at padding must not leak
-            sums[name] = sums.get(name, 0.0) + float(part.detach())
+            sums[name] = sums.get(name, 0.0) + float(part.detach()) * real
             if term.coef:
                 loss = term.coef * part if loss is None else loss + term.coef * part
         if loss is not None:
-            scaler.scale(loss).backward()
-            loss_total += float(loss.detach())
-        tokens += sum(int(v.sum()) for k, v in mb.items() if k.endswith("attention_mask") or k == "prompt_mask" or k == "response_mask")
+            scaler.scale(loss * (factor if real else 0.0)).backward()  # a padding micro-batch: same collectives, no gradient
+            loss_total += float(loss.detach()) * real
+        tokens += real * sum(int(v.sum()) for k, v in mb.items() if k.endswith("attention_mask") or k == "prompt_mask" or k == "response_mask")
+    totals = dist.sum_values({**{f"term/{k}": v for k, v in sums.items()}, "loss": loss_total, "tokens": tokens})
+    loss_total, tokens = totals["loss"], int(totals["tokens"])
+    sums = {k: totals[f"term/{k}"] for k in sums}
     if not math.isfinite(loss_total):
         raise FloatingPointError(f"the loss became {loss_total}; lower train.lr or check the data")
+    reduce_gradients(model, dist)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.tensor(0.0)
     if params:
@@ -155,6 +204,7 @@ def optimise(
         scaler.step(opt)
         scaler.update()
     opt.zero_grad(set_to_none=True)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a sharded model's norm is a DTensor
     return {"loss": loss_total, **sums, "grad_norm": float(norm), "tokens": tokens}
 
 
@@ -207,10 +257,10 @@ def is_better(score: float, best: float | None, select_by: str) -> bool:
     return best is None or (score > best if select_by == "rouge_l" else score < best)
 
 
-def snapshot(state: TrainState, opt: Any, sched: Any, method: Method, scaler: Any) -> dict[str, Any]:
+def snapshot(state: TrainState, sched: Any, method: Method, scaler: Any) -> dict[str, Any]:
+    """The trainer state of a checkpoint besides weights and optimizer (the checkpointer stores those)."""
     return {
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "method": method.state_dict(),
-        "scaler": scaler.state_dict(),
+        "scheduler": sched.state_dict(), "method": method.state_dict(), "scaler": scaler.state_dict(),
         "best": state.best, "best_step": state.best_step, "next_update": state.next_update,
         # the unfinished experience as plain containers: a checkpoint stores no classes (minillm.statefile)
         "exp": None if state.exp is None else {"updates": state.exp.updates, "metrics": state.exp.metrics, "once": state.exp.once},
@@ -218,8 +268,7 @@ def snapshot(state: TrainState, opt: Any, sched: Any, method: Method, scaler: An
 
 
 def restore(ckpt: Checkpointer, path: Path, model: Any, opt: Any, sched: Any, method: Method, scaler: Any) -> TrainState:
-    saved = ckpt.load(path, model)
-    opt.load_state_dict(saved["optimizer"])
+    saved = ckpt.load(path, model, opt)
     if saved.get("scaler"):  # empty when loss scaling is off
         scaler.load_state_dict(saved["scaler"])
     sched.load_state_dict(saved["scheduler"])
@@ -259,13 +308,18 @@ def prepare_output_dir(cfg: Config) -> Path:
 
 
 def _comparable_hash(cfg: Config) -> str:
-    """Config digest ignoring keys that may change between a run and its resumption."""
+    """Config digest ignoring keys that may change between a run and its resumption (run length,
+    logging, and the layout over ranks)."""
     import copy
 
     c = copy.deepcopy(cfg)
     c.train.max_steps = c.train.eval_every = c.train.save_every = c.train.keep_last = 0
     c.train.progress = c.train.resume = True
     c.train.epochs = None
+    # where the work runs is not what it computes: a run may resume on other ranks, another layout,
+    # or from a run folder copied or mounted elsewhere
+    c.output_dir = ""
+    c.train.parallel, c.train.teacher_sharding, c.train.activation_checkpointing, c.train.dist_timeout_s = "ddp", "auto", False, 1.0
     c.train.report_to, c.train.log_every, c.train.wandb_project, c.train.wandb_mode = [], 0, "", ""  # tracking only
     return config_hash(c)
 

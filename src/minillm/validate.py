@@ -11,6 +11,7 @@ import torch
 from minillm.config import Config
 from minillm.data.formats import Example
 from minillm.data.instruct import Encoded, collate_lm
+from minillm.distributed import Dist
 from minillm.losses import token_cross_entropy
 from minillm.models import vocab_logits
 from minillm.rollout import generate
@@ -57,13 +58,21 @@ def sampled_rouge(
 
 
 def validate(cfg: Config, model: Any, tokenizer: Any, vocab_size: int, items: Sequence[Encoded], examples: Sequence[Example],
-             autocast: torch.dtype | None = None) -> dict[str, float]:
-    """``valid_loss`` always; ``valid_rouge_l`` when checkpoints are selected by Rouge-L."""
+             autocast: torch.dtype | None = None, dist: Dist | None = None) -> dict[str, float]:
+    """``valid_loss`` always; ``valid_rouge_l`` when checkpoints are selected by Rouge-L. Under
+    several ranks each scores a part of the items and the sums are added up: the same numbers as
+    one process (a sharded model must be held gathered, see :func:`minillm.parallel.gathered`)."""
+    dist = dist or Dist()
     items = list(items)[: cfg.train.eval_max_examples] if cfg.train.eval_max_examples else list(items)
     if not items:
         return {}
-    loss, _ = response_loss(model, items, tokenizer.pad_token_id, vocab_size, cfg.train.eval_batch_size, autocast)
-    out = {"valid_loss": loss}
+    mine = dist.split(items)
+    loss, count = response_loss(model, mine, tokenizer.pad_token_id, vocab_size, cfg.train.eval_batch_size, autocast) if mine else (0.0, 0)
+    sums = {"loss": loss * count, "tokens": count, "rouge": 0.0}
+    if cfg.train.select_by == "rouge_l" and mine:
+        sums["rouge"] = sampled_rouge(cfg, model, tokenizer, vocab_size, mine, examples, autocast)[0] * len(mine)
+    sums = dist.sum_values(sums)
+    out = {"valid_loss": sums["loss"] / max(sums["tokens"], 1)}
     if cfg.train.select_by == "rouge_l":
-        out["valid_rouge_l"], _ = sampled_rouge(cfg, model, tokenizer, vocab_size, items, examples, autocast)
+        out["valid_rouge_l"] = sums["rouge"] / len(items)
     return out

@@ -55,11 +55,43 @@ class Encoded:
 
 @dataclass
 class EncodeStats:
+    """What :func:`encode_examples` kept and dropped, by reason."""
+
     kept: int = 0
     skipped_long_prompt: int = 0
     truncated_response: int = 0
     no_response: int = 0
+    empty_prompt: int = 0
     skipped_sources: list[str] = field(default_factory=list)
+
+    @property
+    def seen(self) -> int:
+        return self.kept + self.skipped_long_prompt + self.no_response + self.empty_prompt
+
+    def __add__(self, other: EncodeStats) -> EncodeStats:
+        return EncodeStats(
+            self.kept + other.kept, self.skipped_long_prompt + other.skipped_long_prompt,
+            self.truncated_response + other.truncated_response, self.no_response + other.no_response,
+            self.empty_prompt + other.empty_prompt, (self.skipped_sources + other.skipped_sources)[:5],
+        )
+
+    def reasons(self, max_prompt_len: int, max_len: int) -> list[str]:
+        """The non-zero drop and cut counts in words."""
+        out = []
+        if self.no_response:
+            out.append(f"dropped {self.no_response} without a response")
+        if self.empty_prompt:
+            out.append(f"dropped {self.empty_prompt} with an empty prompt")
+        if self.skipped_long_prompt:
+            eg = f" (e.g. {', '.join(self.skipped_sources[:2])})" if self.skipped_sources else ""
+            out.append(f"dropped {self.skipped_long_prompt} with a prompt over data.max_prompt_len={max_prompt_len} tokens{eg}")
+        if self.truncated_response:
+            out.append(f"cut {self.truncated_response} responses to fit data.max_len={max_len} tokens")
+        return out
+
+
+def _blank(ex: Example) -> bool:
+    return not ex.instruction.strip() and not ex.context.strip()
 
 
 def encode_examples(
@@ -70,15 +102,27 @@ def encode_examples(
     max_len: int,
     require_response: bool = True,
 ) -> tuple[list[Encoded], EncodeStats]:
-    """Tokenize examples with the paper's length rules. EOS closes every full response."""
+    """Tokenize examples with the paper's length rules. EOS closes every full response.
+
+    An example whose instruction and context are blank, or whose prompt has no token, is dropped
+    and counted (``empty_prompt``): there is nothing to answer, and a rollout cannot start from it."""
     stats = EncodeStats()
     out: list[Encoded] = []
     eos = tokenizer.eos_token_id
     is_chat = template == "chat"
     for i, ex in enumerate(examples):
+        if ex.response is None and require_response:
+            stats.no_response += 1
+            continue
+        if _blank(ex):
+            stats.empty_prompt += 1
+            continue
         text = render_prompt(ex, template, tokenizer)
         # a chat template already inserts its special tokens; other templates use the tokenizer's defaults
         prompt_ids = tokenizer(text, add_special_tokens=not is_chat)["input_ids"]
+        if not prompt_ids:
+            stats.empty_prompt += 1
+            continue
         if len(prompt_ids) > max_prompt_len:
             stats.skipped_long_prompt += 1
             if len(stats.skipped_sources) < 5:
@@ -93,9 +137,6 @@ def encode_examples(
             if len(response_ids) > room:
                 response_ids = response_ids[:room]
                 stats.truncated_response += 1
-        elif require_response:
-            stats.no_response += 1
-            continue
         out.append(Encoded(prompt_ids, response_ids, i))
     stats.kept = len(out)
     return out, stats

@@ -10,7 +10,6 @@ blocks, without reading or tokenizing what came before.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from minillm.errors import UserError
+from minillm.textio import decode_utf8, parse_json
 
 
 class PretrainStream:
@@ -42,19 +42,15 @@ class PretrainStream:
             for raw in iter(fh.readline, b""):
                 offset += len(raw)
                 line += 1
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise UserError(f"{self.path}:{line}: not UTF-8 text") from None
+                text = decode_utf8(raw, self.path, line)
+                if line == 1:
+                    text = text.removeprefix("\ufeff")
                 if not text.strip():
                     continue
                 if not jsonl:
                     yield text.rstrip("\r\n"), offset, line
                     continue
-                try:
-                    rec = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{self.path}:{line}: not valid JSON ({e.msg})") from None
+                rec = parse_json(text, f"{self.path}:{line}")
                 if not isinstance(rec, dict) or not isinstance(rec.get(self.text_key), str):
                     raise UserError(f"{self.path}:{line}: expected an object with a string field {self.text_key!r} (data.pretrain_text_key)")
                 yield rec[self.text_key], offset, line

@@ -69,6 +69,7 @@ from minillm.eval.judge import Judge, judge_score, make_judge
 from minillm.eval.metrics import distinct_n, exact_match, mean_words, rouge_l, self_bleu, valid_answers
 from minillm.eval.testsets import TestSet, load_test_set
 from minillm.models import check_same_vocabulary, load_model, load_tokenizer, resolve_device
+from minillm.preflight import check_paths
 from minillm.rollout import generate, stop_token_ids
 from minillm.validate import response_loss
 
@@ -234,6 +235,7 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
     """Evaluate ``cfg.eval.models`` on ``cfg.eval.test`` over ``cfg.eval.seeds``; write
     results.json / .csv / .md under ``eval.out`` and return the Markdown comparison table."""
     _check(cfg)
+    check_paths(cfg, "eval")
     e, g = cfg.eval, cfg.generation
     out = Path(e.out) if e.out else Path(cfg.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -112,7 +112,7 @@ class KD(DataMethod):
         was_training = student.training
         student.eval()
         out: list[Encoded] = []
-        for batch in chunks(items, self.cfg.train.eval_batch_size):
+        for batch in chunks(self.models.dist.split(items), self.cfg.train.eval_batch_size):  # this rank's part
             caps = [min(g.max_new_tokens, d.max_len - len(x.prompt_ids)) for x in batch]
             r = sample(
                 student, [x.prompt_ids for x in batch], row_seeds(self.cfg.seed, [x.index for x in batch], salt=step),
@@ -124,7 +124,7 @@ class KD(DataMethod):
                 n = min(int(r.response_mask[b].sum()), caps[b])
                 out.append(Encoded(x.prompt_ids, r.response_ids[b, :n].tolist(), x.index))
         student.train(was_training)
-        return out
+        return self.models.dist.gather(out)  # every rank: all responses, in the items' order
 
     # -- loss ------------------------------------------------------------------------------------
     def loss_terms(self, model: Any, batch: Batch) -> dict[str, Term]:

@@ -118,6 +118,8 @@ class MiniLLM(Method):
         weight is fixed at sampling time; with a = 0 and no temperature / top-k / top-p it is 1 up to
         rounding (p~ = q). p~ is the distribution actually sampled, after any filtering."""
         items = [self.data.train[i] for i in self.sampler.take(self.m.rollouts_per_step)]
+        dist = self.models.dist
+        items = dist.split(items)  # this rank's prompts: collect() gathers the scored rows back in global order
         g, d = self.cfg.generation, self.cfg.data
         out = []
         self.models.student.eval()
@@ -125,11 +127,14 @@ class MiniLLM(Method):
             prompts = [x.prompt_ids for x in batch]
             # each row keeps its own budget, so its response never depends on its batch-mates
             caps = [min(g.max_new_tokens, d.max_len - len(p)) for p in prompts]
+            # a sharded teacher's forward is a collective: every rank runs the same number of decode steps
+            budget = int(dist.max_value(max(caps))) if dist.lockstep else max(caps)
             r = sample(
                 self.models.student, prompts, row_seeds(self.cfg.seed, [x.index for x in batch], salt=step),
-                max_new_tokens=max(caps), stop_ids=self.stop_ids, pad_id=self.pad_id,
+                max_new_tokens=budget, stop_ids=self.stop_ids, pad_id=self.pad_id,
                 vocab_size=self.models.vocab_size, teacher=self.models.teacher, alpha=self.alpha(step),
                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, autocast=self.autocast, engine=g.engine,
+                all_done=dist.all_done if dist.lockstep else None,
             )
             for b, x in enumerate(batch):
                 n = min(int(r.response_mask[b].sum()), caps[b])
@@ -141,7 +146,7 @@ class MiniLLM(Method):
     def score(self, rollouts: list[tuple[list[int], torch.Tensor, torch.Tensor]]) -> tuple[list[_Row], dict[str, float]]:
         """Teacher-forced log-probs of the sampled tokens, rewards, weights and advantages."""
         m = self.m
-        rows, rewards_all, masks_all = [], [], []
+        rows, rewards_all = [], []
         kl_sum = kl_n = seq_rkl = 0.0
         for batch in chunks([r for r in rollouts if len(r[1]) > 0], self.cfg.train.batch_size):
             stub = [_Row(p, resp, torch.zeros(len(resp)), logw, torch.zeros(len(resp))) for p, resp, logw in batch]
@@ -166,12 +171,6 @@ class MiniLLM(Method):
             for b, (p, resp, logw) in enumerate(batch):
                 n = len(resp)
                 rows.append(_Row(p, resp, logq[b, :n].cpu(), logw, adv[b, :n].cpu()))
-                masks_all.append(n)
-        if m.whiten == "rollout" and rows:
-            flat = torch.cat([r.advantage for r in rows])
-            white = whiten(flat[None], torch.ones_like(flat)[None])[0]
-            for r, piece in zip(rows, torch.split(white, masks_all)):
-                r.advantage = piece
         n_tok = max(kl_n, 1.0)
         stats = {
             "reward": float(sum(s for s, _ in rewards_all) / n_tok) if rewards_all else 0.0,
@@ -192,10 +191,19 @@ class MiniLLM(Method):
 
     # -- plan ----------------------------------------------------------------------------------
     def collect(self, step: int) -> Experience:
+        dist = self.models.dist
         t0 = time.perf_counter()
-        rollouts = self.rollout(step)
+        rollouts = self.rollout(step)  # this rank's part of the prompts
         t1 = time.perf_counter()
-        rows, stats = self.score(rollouts)
+        mine, stats = self.score(rollouts)
+        rows = dist.gather(mine)  # every rank: all rows, in the order one process scores them
+        n_tok = float(sum(len(r.response) for r in mine))
+        stats = dist.mean_values(stats, {"reward": n_tok, "reverse_kl": n_tok, "seq_reverse_kl": len(mine), "response_len": len(rollouts)})
+        if self.m.whiten == "rollout" and rows:  # over the whole rollout batch, as one process would
+            flat = torch.cat([r.advantage for r in rows])
+            white = whiten(flat[None], torch.ones_like(flat)[None])[0]
+            for r, piece in zip(rows, torch.split(white, [len(r.response) for r in rows])):
+                r.advantage = piece
         stats["alpha"] = self.alpha(step)
         t2 = time.perf_counter()
         t = self.cfg.train
@@ -205,7 +213,8 @@ class MiniLLM(Method):
                 order = np.random.default_rng([self.cfg.seed, step, epoch]).permutation(len(rows))
                 for mini in chunks([rows[i] for i in order], t.sequences_per_step):
                     updates.append([self.add_pretrain(collate_rollouts(mb, self.pad_id)) for mb in chunks(mini, t.batch_size)])
-        once = {"rollout_time_s": t1 - t0, "score_time_s": t2 - t1, "rollout_tokens": float(sum(len(r[1]) for r in rollouts))}
+        once = {"rollout_time_s": dist.max_value(t1 - t0), "score_time_s": dist.max_value(t2 - t1),
+                "rollout_tokens": float(sum(len(r.response) for r in rows))}
         return Experience(updates, stats, once)
 
     # -- loss ----------------------------------------------------------------------------------
