@@ -284,19 +284,18 @@ def whiten_padded(values_BT: torch.Tensor) -> torch.Tensor:
     over *every* position of the padded tensor, so padding (0 where the caller padded) enters both
     the mean and the variance, and the result is not zero there (the loss masks it).
 
-    One process: var is the sample variance (n - 1 in the denominator, as ``torch.var_mean``; 0 for
-    a single position). Under ``torch.distributed``: mean and var (denominator n) over the positions
-    of every rank's mini-batch, as the reference's ``get_global_statistics``."""
+    mean and var (denominator n, the population variance) are taken over the positions of every
+    rank's mini-batch under ``torch.distributed``, as the reference's ``get_global_statistics``,
+    which is the path it always takes (it initialises a process group even for one GPU)."""
     import torch.distributed as dist
 
     x = values_BT.detach()
-    if dist.is_available() and dist.is_initialized():
-        sum_count = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    sum_count = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
         dist.all_reduce(sum_count)
-        mean = sum_count[0] / sum_count[1]
-        sq = ((x - mean) ** 2).sum()
+    mean = sum_count[0] / sum_count[1]
+    sq = ((x - mean) ** 2).sum()
+    if distributed:
         dist.all_reduce(sq)
-        var = sq / sum_count[1]
-    else:
-        var, mean = torch.var_mean(x, correction=1 if x.numel() > 1 else 0)
-    return (x - mean) * torch.rsqrt(var + 1e-8)
+    return (x - mean) * torch.rsqrt(sq / sum_count[1] + 1e-8)
