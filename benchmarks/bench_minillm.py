@@ -25,8 +25,8 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from minillm.decoding import response_logits, row_seeds, sample, sequence_batch
 from minillm.losses import clipped_pg, future_returns, per_token, token_logprobs
-from minillm.rollout import response_logits, row_seeds, sample, sequence_batch
 
 SIZE = os.environ.get("SIZE", "gpu")
 dev = torch.device("cuda" if torch.cuda.is_available() and SIZE != "tiny" else "cpu")
