@@ -165,3 +165,24 @@ def test_backends_depend_on_the_contract_only() -> None:
     assert not {m for m in imports("contract.py") if m.startswith("minillm.decoding")}
     for backend in ("plain.py", "static.py"):
         assert {m for m in imports(backend) if m.startswith("minillm.decoding")} == {"minillm.decoding.contract"}
+
+
+def test_static_engine_attends_over_the_filled_part_only(models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows of 5 tokens: each step's caches are views cut to the window's end, and the draws
+    equal the plain loop's (also with the warm-up that graph capture runs in every window)."""
+    from minillm.decoding import Decoding, static
+
+    lengths: list[int] = []
+    real_view = static._window_view
+    monkeypatch.setattr(static, "_window_view", lambda cache, n: (lengths.append(n), real_view(cache, n))[1])
+    seeds = row_seeds(6, range(len(PROMPTS)))
+    kw = _kw(models, max_new_tokens=18, teacher=models["teacher"], alpha=0.2)
+    want = sample(models["student"], PROMPTS, seeds, engine="eager", **kw)
+    d = Decoding(18, (models["eos"],), 0, models["V"], alpha=0.2)
+    for warm in (0, 2):
+        got = static.decode(models["student"], PROMPTS, seeds, d, models["teacher"], use_graph=False, window=5, warm_up_steps=warm)
+        assert torch.equal(got.response_ids, want.response_ids)
+        torch.testing.assert_close(got.logq, want.logq, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.kl, want.kl, rtol=1e-4, atol=1e-5)
+    P = max(len(p) for p in PROMPTS)
+    assert sorted(set(lengths)) == [P + 5, P + 10, P + 15]  # three cut windows, then the full length
