@@ -72,6 +72,10 @@ def _chunk_logits(x: torch.Tensor, head: Head | None) -> torch.Tensor:
     return _upcast(x if head is None else head.logits(x))
 
 
+def _scaled(x: torch.Tensor, tau: float) -> torch.Tensor:
+    return x if tau == 1.0 else x / tau
+
+
 def _values(z: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None, spec: _Spec) -> list[torch.Tensor | None]:
     """(logprob, divergence, entropy) of one chunk of logits ``(C, V)``."""
     logq = F.log_softmax(z, dim=-1) if spec.logprob or spec.entropy else None
@@ -84,8 +88,8 @@ def _values(z: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None, spe
     if spec.divergence is not None:
         tau = spec.temperature
         if spec.divergence in ("reverse_kl", "forward_kl"):
-            lq = logq if tau == 1.0 and logq is not None else F.log_softmax(z / tau, dim=-1)
-            lpt = F.log_softmax(t / tau, dim=-1)
+            lq = logq if tau == 1.0 and logq is not None else F.log_softmax(_scaled(z, tau), dim=-1)
+            lpt = F.log_softmax(_scaled(t, tau), dim=-1)
             div = _kl(lq, lpt) if spec.divergence == "reverse_kl" else _kl(lpt, lq)
         else:
             div = get_divergence(spec.divergence)(z[None], t[None], **dict(spec.params))[0]
@@ -96,16 +100,16 @@ def _logit_grad(z: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None,
                 g_div: torch.Tensor | None, spec: _Spec) -> torch.Tensor:
     """d(sum_n g_lp[n] logprob[n] + g_div[n] div[n]) / dz for one chunk ``(C, V)``."""
     g = torch.zeros_like(z)
+    tau = spec.temperature
+    lq1 = F.log_softmax(z, dim=-1) if g_lp is not None or (g_div is not None and tau == 1.0) else None
     if g_lp is not None:
-        q = F.softmax(z, dim=-1)
-        g -= g_lp[:, None] * q
+        g -= g_lp[:, None] * lq1.exp()
         g.scatter_add_(-1, y.clamp(min=0)[:, None], g_lp[:, None].to(g.dtype))
     if g_div is not None:
-        tau = spec.temperature
         if spec.divergence in ("reverse_kl", "forward_kl"):
-            lq = F.log_softmax(z / tau, dim=-1)
+            lq = lq1 if tau == 1.0 else F.log_softmax(z / tau, dim=-1)
             q = lq.exp()
-            lpt = F.log_softmax(t / tau, dim=-1)
+            lpt = F.log_softmax(_scaled(t, tau), dim=-1)
             if spec.divergence == "reverse_kl":
                 diff = torch.where(q > 0, lq - lpt, torch.zeros_like(lq))
                 kl = (q * diff).sum(-1, keepdim=True)

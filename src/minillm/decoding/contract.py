@@ -135,6 +135,13 @@ def _mix_(z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return tmp.bitwise_and_(_LOW[11])
 
 
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser out of place (cheaper than :func:`_mix_` on small tensors); the top 53 bits."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return _shr(z ^ _shr(z, 31), 11)
+
+
 def _to_unit(bits: torch.Tensor) -> torch.Tensor:
     """53 random bits -> Uniform(0, 1) in float64, never 0 or 1."""
     return (bits.to(torch.float64) + 0.5) * (1.0 / (1 << 53))
@@ -143,8 +150,7 @@ def _to_unit(bits: torch.Tensor) -> torch.Tensor:
 def hashed_uniform(seeds_B: torch.Tensor, step: int | torch.Tensor, V: int) -> torch.Tensor:
     """Uniform(0, 1) noise ``(B, V)`` from splitmix64 over (seed, step, token id), in float64."""
     idx = torch.arange(V, device=seeds_B.device, dtype=torch.int64)
-    z = _row_bases(seeds_B, step, V)[:, None] + idx[None, :]
-    return _to_unit(_mix_(z, torch.empty_like(z)))
+    return _to_unit(_mix(_row_bases(seeds_B, step, V)[:, None] + idx[None, :]))
 
 
 def _gumbel_scores(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -185,8 +191,7 @@ def gumbel_argmax(logprobs_BV: torch.Tensor, seeds_B: torch.Tensor, step: int) -
     seeds_B = seeds_B.to(dev)
     bases = _row_bases(seeds_B, step, V)
     top_lp, top_ids = torch.topk(logprobs_BV, k, dim=-1, sorted=True)
-    z = bases[:, None] + top_ids
-    top_scores = _gumbel_scores(top_lp, _to_unit(_mix_(z, torch.empty_like(z))))
+    top_scores = _gumbel_scores(top_lp, _to_unit(_mix(bases[:, None] + top_ids)))
     best = top_scores.max(-1).values  # (B,) M
     floor = top_lp[:, -1].double()  # every other token has log pi <= this
     # u > exp(-exp(floor - M)) is necessary to win; compare 53-bit integers, loosened by a margin
@@ -213,8 +218,7 @@ def gumbel_argmax(logprobs_BV: torch.Tensor, seeds_B: torch.Tensor, step: int) -
     # one entry per (row, token), in token order within each row
     key = torch.unique(r_all * V + c_all)  # sorted
     r_u, c_u = key // V, key % V
-    zz = bases[r_u] + c_u
-    scores = _gumbel_scores(logprobs_BV[r_u, c_u], _to_unit(_mix_(zz, torch.empty_like(zz))))
+    scores = _gumbel_scores(logprobs_BV[r_u, c_u], _to_unit(_mix(bases[r_u] + c_u)))
     # per-row argmax with the lowest token id among ties: the first maximum in sorted order
     row_max = torch.full((B,), -math.inf, dtype=torch.float64, device=dev).scatter_reduce(0, r_u, scores, "amax")
     is_max = scores == row_max[r_u]
