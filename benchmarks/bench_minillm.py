@@ -96,7 +96,7 @@ def main() -> None:
         with ctx:
             out = model(input_ids=seq["input_ids"][rows], attention_mask=seq["attention_mask"][rows],
                         position_ids=seq["position_ids"][rows], use_cache=False, logits_to_keep=ids.shape[1] + 1)
-        return response_logits(out.logits, 1, ids.shape[1])  # as MiniLLM._pair_logits: no prompt logits
+        return response_logits(out.logits, 1, ids.shape[1])  # response positions only (MiniLLM._response_outputs goes further: hidden states, packed rows)
 
     @torch.no_grad()
     def score():

@@ -56,17 +56,26 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# A MiniLLM run resumed in the middle of a rollout phase recomputes that phase's teacher logits
+# teacher-forced (the ones kept from the decode are not checkpointed): equal up to float rounding
+# (measured: 2.7e-6 relative on a step's loss), not to the last bit.
+RESUME_REL = {"minillm": 1e-5}
+
+
 def assert_same_run(a: Path, b: Path) -> None:
+    """``b`` (resumed) ends where the uninterrupted reference run ``a`` (a folder named by its variant) does."""
+    rel = RESUME_REL.get(a.name, 1e-6)
     ra, rb = rows_of(a), rows_of(b)
     assert [r["step"] for r in rb] == [r["step"] for r in ra] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         assert x.keys() == y.keys()
         for k in x:
-            assert y[k] == pytest.approx(x[k], rel=1e-6, abs=1e-9), (x["step"], k)
+            assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-9), (x["step"], k)
     wa, wb = weights(a / "final"), weights(b / "final")
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(wb[k], wa[k], rtol=rel, atol=1e-7)
+
 
 
 @pytest.fixture(scope="module")
