@@ -56,9 +56,17 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_run(a: Path, b: Path, steps: int = 4, rel: float = 1e-6, atol: float = 1e-7, metric_abs: float = 1e-9) -> None:
+# A MiniLLM run resumed in the middle of a rollout phase recomputes that phase's teacher logits
+# teacher-forced (the ones kept from the decode are not checkpointed): equal up to float rounding
+# (measured: 2.7e-6 relative on a step's loss), not to the last bit.
+RESUME_REL = {"minillm": 1e-5}
+
+
+def assert_same_run(a: Path, b: Path, steps: int = 4, rel: float | None = None, atol: float = 1e-7,
+                    metric_abs: float = 1e-9) -> None:
     """Same metrics rows (timings aside, within ``rel`` / ``metric_abs``) and the same final weights
-    (within ``rel`` / ``atol``)."""
+    (within ``rel`` / ``atol``); ``rel`` defaults by the reference run's variant (its folder name)."""
+    rel = RESUME_REL.get(a.name, 1e-6) if rel is None else rel
     ra, rb = rows_of(a), rows_of(b)
     assert [r["step"] for r in rb] == [r["step"] for r in ra] == list(range(1, steps + 1))
     for x, y in zip(ra, rb):
