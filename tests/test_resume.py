@@ -18,7 +18,7 @@ from minillm.config import config_from_dict
 from minillm.errors import UserError
 from minillm.trainer import train
 
-TIMING = {"step_time_s", "tokens_per_s", "rollout_time_s", "score_time_s"}
+TIMING = {"step_time_s", "tokens_per_s", "rollout_time_s", "score_time_s", "teacher_cache_gb"}  # costs, not results
 # MiniLLM: 8 rollouts, 2 x 2 sequences per step, 2 PPO epochs -> one rollout phase feeds 4 steps,
 # so the step-2 checkpoint falls in the middle of an experience; "sft_pt" adds the L_PT corpus, read at
 # every step, whose stream position must be restored too

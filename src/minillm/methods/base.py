@@ -215,7 +215,19 @@ def output_head(model: Any, vocab_size: int) -> Head | None:
     return head
 
 
+def _fsdp_sharded(model: Any) -> bool:
+    """An FSDP2-sharded model: its weights may be swapped for gathered copies only during a
+    forward, so a head taken from it outside that forward would read freed memory."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return False
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _probe_head(model: Any, vocab_size: int) -> Head | None:
+    if _fsdp_sharded(model):
+        return None
     emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(emb, torch.nn.Linear) or emb.weight.shape[0] < vocab_size or not _takes_logits_to_keep(model):
         return None
