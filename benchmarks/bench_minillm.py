@@ -25,8 +25,8 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from minillm.decoding import response_logits, row_seeds, sample, sequence_batch
 from minillm.losses import clipped_pg, future_returns, per_token, token_logprobs
-from minillm.rollout import response_logits, row_seeds, sample, sequence_batch
 
 SIZE = os.environ.get("SIZE", "gpu")
 dev = torch.device("cuda" if torch.cuda.is_available() and SIZE != "tiny" else "cpu")
@@ -96,7 +96,7 @@ def main() -> None:
         with ctx:
             out = model(input_ids=seq["input_ids"][rows], attention_mask=seq["attention_mask"][rows],
                         position_ids=seq["position_ids"][rows], use_cache=False, logits_to_keep=ids.shape[1] + 1)
-        return response_logits(out.logits, 1, ids.shape[1])  # as MiniLLM._pair_logits: no prompt logits
+        return response_logits(out.logits, 1, ids.shape[1])  # response positions only (MiniLLM._response_outputs goes further: hidden states, packed rows)
 
     @torch.no_grad()
     def score():

@@ -52,12 +52,13 @@ def lockstep(job: dict[str, Any], dist: Any) -> dict[str, Any]:
     print(f"rank {dist.rank}: lockstep={dist.lockstep} rollout starts", flush=True)
     t0 = time.perf_counter()
     with gathered(models.student):
-        rollouts = method.rollout(0)
+        samples = method.rollout(dist.split(method.next_prompts()), 0)
         decode_calls = calls[0]
-        rows, _ = method.score(rollouts)
-    everyone = dist.gather([len(r[1]) for r in rollouts])
+        rows, _ = method.score(samples, 0)
+    lengths = [len(s.response) for s in samples]
+    everyone = dist.gather(lengths)
     print(f"rank {dist.rank}: rollout finished", flush=True)
-    return {"lengths": [len(r[1]) for r in rollouts], "all_lengths": everyone, "decode_teacher_calls": decode_calls,
+    return {"lengths": lengths, "all_lengths": everyone, "decode_teacher_calls": decode_calls,
             "teacher_calls": calls[0], "seconds": time.perf_counter() - t0, "scored_rows": len(rows)}
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm.rollout import row_seeds, sample
+from minillm.decoding import row_seeds, sample
 
 
 def _models(device: str = "cpu"):
@@ -67,8 +67,8 @@ def test_unknown_alpha_without_teacher_raises() -> None:
 
 def test_warm_up_is_undone_exactly() -> None:
     """Graph capture first runs warm-up steps and rewinds them; the draw must not change."""
-    from minillm.engine import engine_sample
-    from minillm.rollout import Decoding
+    from minillm.decoding import Decoding
+    from minillm.decoding.static import decode
 
     tok, V, student, teacher, llama = _models()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
@@ -77,30 +77,29 @@ def test_warm_up_is_undone_exactly() -> None:
         kw = dict(max_new_tokens=10, stop_ids=[tok.eos_token_id], pad_id=0, vocab_size=V, teacher=t, alpha=alpha)
         a = sample(model, prompts, seeds, engine="eager", **kw)
         d = Decoding(10, (tok.eos_token_id,), 0, V, alpha=alpha)
-        b = engine_sample(model, prompts, seeds, d, t, use_graph=False, warm_up_steps=3)
+        b = decode(model, prompts, seeds, d, t, use_graph=False, warm_up_steps=3)
         assert torch.equal(a.response_ids, b.response_ids)
 
 
 def test_auto_engine_falls_back_to_the_plain_loop_with_a_warning(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """`auto` tries the static engine (on CUDA); for a model it cannot run, it warns once and the
     plain loop draws the same tokens. An explicit `static` raises instead."""
-    import minillm.engine
-    import minillm.rollout as rollout
+    import minillm.decoding as decoding
 
     tok, V, student, _, _ = _models()
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("static cache not supported by this architecture")
 
-    monkeypatch.setattr(minillm.engine, "engine_sample", broken)
-    monkeypatch.setattr(rollout, "_STATIC_FAILED", [])
+    monkeypatch.setitem(decoding.BACKENDS, "static", broken)
+    monkeypatch.setattr(decoding, "_STATIC_FAILED", [])
     kw = dict(max_new_tokens=6, stop_ids=[tok.eos_token_id], pad_id=0, vocab_size=V)
     prompts, seeds = [[5, 6], [7]], row_seeds(1, [0, 1])
     with pytest.raises(RuntimeError, match="static cache"):
         sample(student, prompts, seeds, engine="static", **kw)
-    monkeypatch.setattr(rollout, "_auto_engine", lambda device: "static" if not rollout._STATIC_FAILED else "eager")
+    monkeypatch.setattr(decoding, "_auto_engine", lambda device: "static" if not decoding._STATIC_FAILED else "eager")
     with caplog.at_level("WARNING", logger="minillm"):
         got = sample(student, prompts, seeds, engine="auto", **kw)
-    assert "failed" in caplog.text and rollout._STATIC_FAILED
+    assert "failed" in caplog.text and decoding._STATIC_FAILED
     want = sample(student, prompts, seeds, engine="eager", **kw)
     assert torch.equal(got.response_ids, want.response_ids)

@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 
+from minillm.decoding import response_logits, sample, sequence_batch
 from minillm.losses import clipped_pg, future_returns, per_token, token_logprobs
-from minillm.rollout import response_logits, sample, sequence_batch
 
 V, EOS, T_MAX = 3, 0, 3
 
@@ -161,7 +161,7 @@ def test_gradient_step_lowers_the_kl() -> None:
 
 
 def test_monte_carlo_with_real_sampler() -> None:
-    """The estimator averaged over rollouts of :func:`minillm.rollout.sample` approaches the exact
+    """The estimator averaged over rollouts of :func:`minillm.decoding.sample` approaches the exact
     gradient of KL(q || p) over the enumerable responses (max 2 new tokens, vocabulary 5).
 
     The error is judged against its own predicted size sigma^2 = (E||g_y||^2 - ||E g_y||^2) / N,

@@ -16,9 +16,9 @@ from conftest import tiny_config_dict
 from minillm.cli import main
 from minillm.config import config_from_dict
 from minillm.data import read_examples
+from minillm.decoding import row_seeds
 from minillm.errors import UserError
 from minillm.generate_data import meta_path, run_generate
-from minillm.rollout import row_seeds
 
 N_PROMPTS, SAMPLES = 10, 2
 

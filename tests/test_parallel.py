@@ -195,3 +195,38 @@ def test_fsdp_on_one_gpu_matches_ddp_in_bf16_and_exports(tiny_task: dict[str, Pa
     final, exported = weights(runs["fsdp"] / "final"), weights(export(runs["fsdp"], tmp_path / "hf"))
     for k in final:
         torch.testing.assert_close(exported[k], final[k], rtol=0, atol=0)
+
+
+def test_fused_losses_under_fsdp_fall_back_to_the_models_logits(tiny_task: dict[str, Path], tmp_path: Path) -> None:
+    """With train.fused_loss=on and a sharded student, the losses take the model's own logits: a
+    head taken while the weights are gathered (score re-scores the student inside the gathered
+    rollout phase with minillm.rescore) would read freed memory once they are sharded again."""
+    from minillm.methods.base import output_head
+    from minillm.parallel import gathered
+
+    rows = {}
+    for layout in ("ddp", "fsdp"):
+        d = tiny_config_dict(tiny_task, tmp_path / layout, "minillm", train={"max_steps": 2, "eval_every": 2, "save_every": 2,
+                                                                                "parallel": layout, "fused_loss": "on"},
+                             minillm={"rescore": True, "rollouts_per_step": 8, "ppo_epochs": 1})
+        out = train(config_from_dict(d))
+        rows[layout] = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows["ddp"], rows["fsdp"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["single_step"] == pytest.approx(a["single_step"], rel=1e-5)
+    import torch.distributed as tdist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoTokenizer
+
+    from minillm.tiny import tiny_gpt2
+
+    tok = AutoTokenizer.from_pretrained(tiny_task["student"])
+    model = tiny_gpt2(tok, n_layer=1, n_embd=32, seed=1)
+    assert output_head(model, len(tok)) is not None  # a plain GPT-2 head fuses
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        sharded = tiny_gpt2(tok, n_layer=1, n_embd=32, seed=1)
+        fully_shard(sharded)
+        with gathered(sharded):  # the weights are plain tensors here, but only until the phase ends
+            assert output_head(sharded, len(tok)) is None
+    finally:
+        tdist.destroy_process_group()

@@ -18,7 +18,7 @@ from conftest import GradCatcher, tiny_config_dict
 from minillm.config import RECIPES, Config, config_from_dict, load_config, save_config
 from minillm.data import load_run_data
 from minillm.losses import whiten_padded
-from minillm.methods.minillm import MiniLLM, collate_rollouts
+from minillm.methods.minillm import MiniLLM, Sampled, collate_rollouts
 from minillm.models import load_models
 from minillm.trainer import build_optimizer, optimise
 
@@ -34,7 +34,7 @@ def test_reference_recipe_sets_its_table_and_explicit_keys_win(tmp_path: Path) -
     cfg = load_config(None, ["minillm.recipe=reference"])
     m, t = cfg.minillm, cfg.train
     assert (m.reward_scale, m.reward_clip, m.gamma, m.include_current_reward) == (2.0, 100.0, 0.95, True)
-    assert (m.whiten, m.single_step_weight, m.pt_kd_ratio) == ("minibatch_padded", False, 0.5)
+    assert (m.whiten, m.single_step_weight, m.pt_kd_ratio, m.rescore) == ("minibatch_padded", False, 0.5, True)
     assert (t.adam_betas, t.weight_decay, t.weight_decay_on) == ([0.9, 0.95], 1e-6, "all")
     # what the reference code shares with the paper stays the paper's
     assert (m.alpha, m.clip, m.length_norm, m.single_step, m.ppo_epochs) == (0.2, 0.2, True, True, 4)
@@ -181,7 +181,11 @@ def test_reference_recipe_loss_and_gradient_are_pinned(reference_parts: tuple[An
     prompts = [data.train[i].prompt_ids for i in range(3)]
     responses = [torch.randint(3, models.vocab_size, (n,), generator=gen).tolist() for n in (5, 2, 7)]
     logw = [(0.3 * torch.randn(len(y), generator=gen)).tolist() for y in responses]
-    rows, _ = method.score([(p, torch.tensor(y), torch.tensor(w)) for p, y, w in zip(prompts, responses, logw)])
+    # the reference recipe re-scores both models teacher-forced, so the decode's log q is not read
+    assert cfg.minillm.rescore and not method.reuse_q and not method.reuse_p
+    samples = [Sampled(p, torch.tensor(y), torch.full((len(y),), float("nan")), torch.tensor(w))
+               for p, y, w in zip(prompts, responses, logw)]
+    rows, _ = method.score(samples, step=0)
     batch = method.add_pretrain(collate_rollouts(rows, method.pad_id))
     assert batch["response_mask"].sum() < batch["response_mask"].numel()  # padding is there to be counted
 

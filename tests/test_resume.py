@@ -18,7 +18,7 @@ from minillm.config import config_from_dict
 from minillm.errors import UserError
 from minillm.trainer import train
 
-TIMING = {"step_time_s", "tokens_per_s", "rollout_time_s", "score_time_s"}
+TIMING = {"step_time_s", "tokens_per_s", "rollout_time_s", "score_time_s", "teacher_cache_gb"}  # costs, not results
 # MiniLLM: 8 rollouts, 2 x 2 sequences per step, 2 PPO epochs -> one rollout phase feeds 4 steps,
 # so the step-2 checkpoint falls in the middle of an experience; "sft_pt" adds the L_PT corpus, read at
 # every step, whose stream position must be restored too
@@ -56,9 +56,17 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_run(a: Path, b: Path, steps: int = 4, rel: float = 1e-6, atol: float = 1e-7, metric_abs: float = 1e-9) -> None:
+# A MiniLLM run resumed in the middle of a rollout phase recomputes that phase's teacher logits
+# teacher-forced (the ones kept from the decode are not checkpointed): equal up to float rounding
+# (measured: 2.7e-6 relative on a step's loss), not to the last bit.
+RESUME_REL = {"minillm": 1e-5}
+
+
+def assert_same_run(a: Path, b: Path, steps: int = 4, rel: float | None = None, atol: float = 1e-7,
+                    metric_abs: float = 1e-9) -> None:
     """Same metrics rows (timings aside, within ``rel`` / ``metric_abs``) and the same final weights
-    (within ``rel`` / ``atol``)."""
+    (within ``rel`` / ``atol``); ``rel`` defaults by the reference run's variant (its folder name)."""
+    rel = RESUME_REL.get(a.name, 1e-6) if rel is None else rel
     ra, rb = rows_of(a), rows_of(b)
     assert [r["step"] for r in rb] == [r["step"] for r in ra] == list(range(1, steps + 1))
     for x, y in zip(ra, rb):

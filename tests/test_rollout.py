@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from minillm.rollout import (
+from minillm.decoding import (
     Rollout,
     filter_logprobs,
     gumbel_sample,

@@ -36,13 +36,15 @@ TRACKERS = ("tensorboard", "wandb")
 # ``minillm.recipe``: named tables of dotted keys applied at load time to every key the config does
 # not set itself (an explicit key always wins); config.yaml records the resolved values. "paper" is the
 # defaults below, unchanged. "reference" is every place where the reference code (microsoft/LMOps,
-# minillm/) departs from the paper: its trainer's return (r_t included, gamma 0.95), reward scaling
+# minillm/) departs from the paper: both models re-scored teacher-forced after sampling, its trainer's
+# return (r_t included, gamma 0.95), reward scaling
 # (its --reward-scaling 0.5) and clipping, advantage whitening per PPO mini-batch with padding
 # counted, the unweighted single-step term, 0.5 forward KD in L_PT (--kd-ratio 0.5), and its
 # optimizer (AdamW betas (0.9, 0.95), weight decay 1e-6 on every parameter).
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "reference": {
+        "minillm.rescore": True,
         "minillm.reward_scale": 2.0,
         "minillm.reward_clip": 100.0,
         "minillm.gamma": 0.95,
@@ -169,6 +171,7 @@ class TrainConfig:
     teacher_sharding: str = "auto"  # auto: whole on each rank when its weights take under 40% of one GPU (always on CPU), else FSDP2-sharded; or whole / shard
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward: less memory, about a third more compute
     dist_timeout_s: float = 1800.0  # a collective waiting longer fails the run: a stuck rank becomes an error, not a hang
+    fused_loss: str = "auto"  # losses from hidden states and the output layer in chunks, no (B, T, V) logits held: auto (when a micro-batch's would pass 256 MB), on, off
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
@@ -202,6 +205,7 @@ class TrainConfig:
         _check(self.teacher_sharding in TEACHER_SHARDING, "train.teacher_sharding",
                f"must be one of {TEACHER_SHARDING}, got {self.teacher_sharding!r}")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
+        _check(self.fused_loss in ("auto", "on", "off"), "train.fused_loss", f"must be auto, on or off, got {self.fused_loss!r}")
 
     @property
     def sequences_per_step(self) -> int:
@@ -250,6 +254,9 @@ class MiniLLMConfig:
     reward_scale: float = 1.0  # rewards are multiplied by this; reference code: 2 (it divides by its --reward-scaling 0.5)
     reward_clip: float | None = None  # reference code: 100
     pt_kd_ratio: float = 0.0  # reference code mixes 0.5 LM + 0.5 forward KD on the pre-training batch
+    rescore: bool = False  # score both models teacher-forced after sampling (reference code); default: reuse the decode's log q / log p (the student is re-scored where it decodes in reduced precision)
+    teacher_cache: str = "auto"  # the teacher's logits for the single-step term, once per rollout phase: auto (on the device, else pinned host memory), device, host, off (recompute every PPO epoch)
+    cache_gb: float = 8.0  # budget for the logits a rollout phase keeps (the teacher cache, the decode's logits)
 
     def __post_init__(self) -> None:
         if isinstance(self.whiten, bool):  # before 0.2 a switch: true whitened over the rollout phase
@@ -268,6 +275,9 @@ class MiniLLMConfig:
         _check(self.reward_scale > 0, "minillm.reward_scale", "must be positive")
         _check(self.reward_clip is None or self.reward_clip > 0, "minillm.reward_clip", "must be positive or null")
         _check(0 <= self.pt_kd_ratio <= 1, "minillm.pt_kd_ratio", "must lie in [0, 1]")
+        _check(self.teacher_cache in ("auto", "device", "host", "off"), "minillm.teacher_cache",
+               f"must be auto, device, host or off, got {self.teacher_cache!r}")
+        _check(self.cache_gb >= 0, "minillm.cache_gb", "must be >= 0 (0 keeps nothing)")
 
 
 @dataclass

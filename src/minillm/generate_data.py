@@ -31,10 +31,10 @@ import torch
 from minillm.config import Config
 from minillm.data import Example, split_examples
 from minillm.data.instruct import encode_examples
+from minillm.decoding import row_seeds, sample, stop_token_ids
 from minillm.errors import UserError
 from minillm.models import autocast_dtype, load_model, load_tokenizer, resolve_device
 from minillm.preflight import check_paths
-from minillm.rollout import row_seeds, sample, stop_token_ids
 
 log = logging.getLogger("minillm")
 

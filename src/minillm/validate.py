@@ -11,10 +11,10 @@ import torch
 from minillm.config import Config
 from minillm.data.formats import Example
 from minillm.data.instruct import Encoded, collate_lm
+from minillm.decoding import generate
 from minillm.distributed import Dist
 from minillm.losses import token_cross_entropy
 from minillm.models import vocab_logits
-from minillm.rollout import generate
 from minillm.text_metrics import rouge_l
 
 

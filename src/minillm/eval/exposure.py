@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from minillm.data.instruct import collate_prompts
+from minillm.decoding import response_logits, row_seeds, sample, sequence_batch
 from minillm.losses import per_token
 from minillm.models import vocab_logits
-from minillm.rollout import response_logits, row_seeds, sample, sequence_batch
 
 __all__ = ["ExposureCurve", "accumulated_kl", "draw_samples", "ex_acc_err", "exposure_bias"]
 
@@ -101,7 +101,7 @@ def draw_samples(
     """``samples`` draws per prompt from ``model`` at temperature 1 (no filtering).
 
     Draw s of prompt i uses row key ``i * samples + s``, so a draw does not depend on the batch.
-    ``engine`` is :func:`minillm.rollout.sample`'s decoding engine.
+    ``engine`` is :func:`minillm.decoding.sample`'s decoding engine.
     """
     was_training = model.training
     model.eval()

@@ -226,7 +226,7 @@ class LocalModelJudge:
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, messages: list[dict[str, str]]) -> str:
-        from minillm.rollout import generate
+        from minillm.decoding import generate
 
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):

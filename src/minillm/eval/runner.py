@@ -62,6 +62,7 @@ import torch
 from minillm.config import Config, ModelConfig
 from minillm.data.formats import Example
 from minillm.data.instruct import Encoded, encode_examples
+from minillm.decoding import generate, stop_token_ids
 from minillm.errors import UserError
 from minillm.eval.calibration import calibration_report, choice_probabilities, load_choice_records
 from minillm.eval.exposure import draw_samples, exposure_bias
@@ -70,7 +71,6 @@ from minillm.eval.metrics import distinct_n, exact_match, mean_words, rouge_l, s
 from minillm.eval.testsets import TestSet, load_test_set
 from minillm.models import check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from minillm.preflight import check_paths
-from minillm.rollout import generate, stop_token_ids
 from minillm.validate import response_loss
 
 log = logging.getLogger("minillm")

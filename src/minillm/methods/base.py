@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +25,10 @@ import torch
 
 from minillm.config import Config
 from minillm.data import RunData
-from minillm.losses import per_token, token_cross_entropy
+from minillm.fused import Head, head_terms
 from minillm.models import Models, autocast_dtype, vocab_logits
+
+log = logging.getLogger("minillm")
 
 Batch = dict[str, torch.Tensor]
 
@@ -47,6 +51,42 @@ class Experience:
     once: dict[str, float] = field(default_factory=dict)  # costs of collecting it (times, counts): logged on its first step
 
 
+@dataclass
+class Outputs:
+    """A forward's result as the losses take it (:func:`minillm.fused.head_terms`): final hidden
+    states ``(B, T, d)`` with the model's output layer ``head``, or logits ``(B, T, V)`` with
+    ``head`` None. ``autocast`` is the compute dtype the forward ran under; the losses run under it too."""
+
+    x: torch.Tensor
+    head: Head | None
+    autocast: torch.dtype | None = None
+
+    def ctx(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.x.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+
+    def at(self, pos_BR: torch.Tensor) -> Outputs:
+        """The positions ``pos_BR`` of each row ``(B, R)``."""
+        idx = pos_BR.to(self.x.device)[..., None].expand(-1, -1, self.x.shape[-1])
+        return Outputs(self.x.gather(1, idx), self.head, self.autocast)
+
+    def shifted(self) -> Outputs:
+        """Every position but the last (the outputs that predict tokens 1 .. L-1)."""
+        return Outputs(self.x[:, :-1], self.head, self.autocast)
+
+    def logits(self) -> torch.Tensor:
+        """The logits ``(B, T, V)``, materialised."""
+        if self.head is None:
+            return self.x
+        with self.ctx():
+            return self.head.logits(self.x)
+
+    def materialised(self) -> Outputs:
+        return self if self.head is None else Outputs(self.logits(), None, self.autocast)
+
+
+FUSED_MIN_BYTES = 1 << 28  # train.fused_loss=auto fuses when a micro-batch's float32 logits would pass 256 MB
+
+
 class Method:
     """Base class. Subclasses set ``name``/``needs_teacher`` and implement collect and loss_terms."""
 
@@ -67,21 +107,52 @@ class Method:
         raise NotImplementedError
 
     # -- shared pieces --------------------------------------------------------------------------
-    def forward_logits(
+    def forward_outputs(
         self, model: Any, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor | None = None, keep: int = 0
-    ) -> torch.Tensor:
-        """Logits ``(B, L, V)`` cut to the shared vocabulary, under autocast on GPU; with ``keep`` > 0
-        only the last ``keep`` positions ``(B, keep, V)`` are computed (the prompt's logits are never
-        materialised when only the response needs them)."""
+    ) -> Outputs:
+        """One forward, under autocast on GPU for the student. When the model's logits are a plain
+        linear map of its last hidden state (:func:`output_head`), the hidden states ``(B, L, d)``
+        and the head come back and no logits are computed here; otherwise the logits cut to the
+        shared vocabulary, only the last ``keep`` positions when ``keep`` > 0."""
         dev = self.models.device
-        ctx = torch.autocast(dev.type, dtype=self.autocast) if self.autocast and model is self.models.student else contextlib.nullcontext()
+        ac = self.autocast if model is self.models.student else None
         kwargs: dict[str, Any] = {"position_ids": pos.to(dev)} if pos is not None else {}
-        if keep and _takes_logits_to_keep(model):
+        head = output_head(model, self.models.vocab_size) if self.cfg.train.fused_loss != "off" else None
+        if head is not None:
+            kwargs.update(output_hidden_states=True, logits_to_keep=1)
+        elif keep and _takes_logits_to_keep(model):
             kwargs["logits_to_keep"] = keep
+        ctx = torch.autocast(dev.type, dtype=ac) if ac else contextlib.nullcontext()
         with ctx:
             out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False, **kwargs)
+        if head is not None:
+            return Outputs(out.hidden_states[-1], head, ac)
         logits = out.logits[:, -keep:] if keep else out.logits
-        return vocab_logits(logits, self.models.vocab_size)
+        return Outputs(vocab_logits(logits, self.models.vocab_size), None, ac)
+
+    def for_loss(self, out: Outputs, n_positions: int) -> Outputs:
+        """``train.fused_loss``: keep the hidden states (fused, chunked recomputation) or materialise
+        the logits of the ``n_positions`` the loss reads (faster while they are small)."""
+        mode = self.cfg.train.fused_loss
+        if out.head is None or mode == "on":
+            return out
+        if mode == "auto" and n_positions * out.head.vocab_size * 4 >= FUSED_MIN_BYTES:
+            return out
+        return out.materialised()
+
+    def terms(self, out: Outputs, mask_BT: torch.Tensor, **kw: Any) -> dict[str, torch.Tensor]:
+        """:func:`minillm.fused.head_terms` on ``out`` (fused or materialised, see :meth:`for_loss`)
+        over the positions of ``mask_BT``; a teacher given as :class:`Outputs` is passed the same way."""
+        teacher = kw.pop("teacher", None)
+        n = int(mask_BT.sum())
+        out = self.for_loss(out, n)
+        if isinstance(teacher, Outputs):
+            teacher = self.for_loss(teacher, n)
+            kw.update(teacher_BTD=teacher.x, teacher_head=teacher.head)
+        elif teacher is not None:
+            kw["teacher_BTD"] = teacher
+        with out.ctx():
+            return head_terms(out.x, out.head, mask_BT=mask_BT, **kw)
 
     def pt_coef(self) -> float:
         """Weight of the pre-training LM term (0 without a corpus)."""
@@ -101,15 +172,16 @@ class Method:
             return {}
         ids = batch["pt_input_ids"]
         ones = torch.ones_like(ids)
-        logits = self.forward_logits(model, ids, ones)[:, :-1]
-        ce = token_cross_entropy(logits, batch["pt_targets"].to(logits.device))
+        out = self.forward_outputs(model, ids, ones).shifted()
         coef = self.pt_coef()
+        mask = batch["pt_mask"].to(out.x.device)
+        targets = batch["pt_targets"].to(out.x.device)
         if kd_ratio <= 0 or self.models.teacher is None:
-            return {"pt": Term(ce, "pt_mask", coef)}
+            return {"pt": Term(-self.terms(out, mask, targets_BT=targets)["logprob"], "pt_mask", coef)}
         with torch.no_grad():
-            t_logits = self.forward_logits(self.models.teacher, ids, ones)[:, :-1]
-        fkl = per_token("forward_kl", logits, t_logits)
-        return {"pt": Term(ce, "pt_mask", coef * (1 - kd_ratio)), "pt_kd": Term(fkl, "pt_mask", coef * kd_ratio)}
+            t_out = self.forward_outputs(self.models.teacher, ids, ones).shifted()
+        got = self.terms(out, mask, targets_BT=targets, divergence="forward_kl", teacher=t_out)
+        return {"pt": Term(-got["logprob"], "pt_mask", coef * (1 - kd_ratio)), "pt_kd": Term(got["divergence"], "pt_mask", coef * kd_ratio)}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -124,6 +196,60 @@ class Method:
 
 def _takes_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+_HEADS: weakref.WeakKeyDictionary[Any, Head | None] = weakref.WeakKeyDictionary()  # model -> its head or None: probed once
+
+
+def output_head(model: Any, vocab_size: int) -> Head | None:
+    """The model's output layer as a :class:`minillm.fused.Head` when its logits are exactly
+    ``head(last hidden state)``, checked once per model on a short probe; None when they are not
+    (a final soft-cap or logit scale, a head that is not one linear layer, sharded weights, no
+    ``logits_to_keep``), and the losses then take the model's own logits."""
+    if model in _HEADS:
+        return _HEADS[model]
+    head = _probe_head(model, vocab_size)
+    _HEADS[model] = head
+    if head is None:
+        log.info("%s: logits are not a plain linear map of the last hidden state; losses use the model's logits",
+                 type(model).__name__)
+    return head
+
+
+def _fsdp_sharded(model: Any) -> bool:
+    """An FSDP2-sharded model: its weights may be swapped for gathered copies only during a
+    forward, so a head taken from it outside that forward would read freed memory."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return False
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _probe_head(model: Any, vocab_size: int) -> Head | None:
+    if _fsdp_sharded(model):
+        return None
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(emb, torch.nn.Linear) or emb.weight.shape[0] < vocab_size or not _takes_logits_to_keep(model):
+        return None
+    if type(emb.weight.data) is not torch.Tensor:
+        return None  # a sharded (DTensor) or otherwise wrapped weight: only the model's own forward can use it
+    head = Head(emb.weight, emb.bias, vocab_size)
+    dev = emb.weight.device
+    ids = (torch.arange(6, device=dev) * 7919 % vocab_size)[None]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, output_hidden_states=True)
+            ref = out.logits[..., :vocab_size].float()
+            got = head.logits(out.hidden_states[-1]).float()
+    except Exception:  # noqa: BLE001 - any failure means: use the model's own logits
+        return None
+    finally:
+        model.train(was)
+    tol = 1e-3 * max(1.0, float(ref.abs().max()))
+    return head if got.shape == ref.shape and bool((got - ref).abs().max() <= tol) else None
 
 
 METHODS: dict[str, type[Method]] = {}

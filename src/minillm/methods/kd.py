@@ -33,17 +33,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minillm.config import Config
 from minillm.data import RunData
 from minillm.data.instruct import Encoded, collate_lm
+from minillm.decoding import row_seeds, sample, stop_token_ids
 from minillm.errors import UserError
-from minillm.losses import DIVERGENCES, per_token, token_cross_entropy
+from minillm.losses import DIVERGENCES
 from minillm.methods.base import Batch, Experience, Term, chunks, register_method
 from minillm.methods.sft import DataMethod
 from minillm.models import Models
-from minillm.rollout import row_seeds, sample, stop_token_ids
 
 log = logging.getLogger("minillm")
 
@@ -130,24 +129,16 @@ class KD(DataMethod):
     def loss_terms(self, model: Any, batch: Batch) -> dict[str, Term]:
         """``kd``: D_t per response position (weight ``ratio``); ``ce``: -log q(y_t) (weight
         ``1 - ratio``, data batches only); ``pt`` as in SFT. All ``(B, L-1)`` over ``loss_mask``."""
-        s_logits_BTV = self.response_logits(model, batch)
+        s_out = self.response_outputs(model, batch)
         with torch.no_grad():
-            t_logits_BTV = self.response_logits(self.models.teacher, batch)
-        mask_BT = batch["loss_mask"].to(s_logits_BTV.device)
-        terms = {"kd": Term(self.divergence(s_logits_BTV, t_logits_BTV, mask_BT), "loss_mask", self.k.ratio)}
+            t_out = self.response_outputs(self.models.teacher, batch)
+        dev = s_out.x.device
+        mask_BT = batch["loss_mask"].to(dev)
+        # only response positions are computed: prompt positions cost no vocabulary-sized softmax
+        got = self.terms(s_out, mask_BT, targets_BT=batch["targets"].to(dev), divergence=self.k.loss, teacher=t_out,
+                         **self.div_params)
+        terms = {"kd": Term(got["divergence"], "loss_mask", self.k.ratio)}
         if not bool(batch.get(ONPOLICY_KEY, False)):
-            ce_BT = token_cross_entropy(s_logits_BTV, batch["targets"].to(s_logits_BTV.device))
-            terms["ce"] = Term(ce_BT, "loss_mask", 1.0 - self.k.ratio)
+            terms["ce"] = Term(-got["logprob"], "loss_mask", 1.0 - self.k.ratio)
         terms.update(self.pt_terms(model, batch))
         return terms
-
-    def divergence(self, s_logits_BTV: torch.Tensor, t_logits_BTV: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-        """D_t ``(B, T)``, evaluated only over the columns that hold a response token (prompt
-        positions cost no vocabulary-sized softmax) and zero elsewhere."""
-        B, T = mask_BT.shape
-        cols = mask_BT.bool().any(0).nonzero().flatten()
-        if cols.numel() == 0:
-            return s_logits_BTV.new_zeros((B, T), dtype=torch.float32)
-        lo, hi = int(cols[0]), int(cols[-1]) + 1
-        d_BS = per_token(self.k.loss, s_logits_BTV[:, lo:hi], t_logits_BTV[:, lo:hi], **self.div_params)
-        return F.pad(d_BS, (lo, T - hi))

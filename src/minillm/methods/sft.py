@@ -7,8 +7,7 @@ from typing import Any
 from minillm.config import Config
 from minillm.data import RunData
 from minillm.data.instruct import EpochSampler, collate_lm
-from minillm.losses import token_cross_entropy
-from minillm.methods.base import Batch, Experience, Method, Term, chunks, register_method
+from minillm.methods.base import Batch, Experience, Method, Outputs, Term, chunks, register_method
 from minillm.models import Models
 
 
@@ -26,9 +25,9 @@ class DataMethod(Method):
         micro = [self.add_pretrain(collate_lm(c, pad)) for c in chunks(items, t.batch_size)]
         return Experience([micro], {"epoch": self.sampler.epoch + self.sampler.pos / self.sampler.n})
 
-    def response_logits(self, model: Any, batch: Batch) -> Any:
-        """Logits ``(B, L-1, V)`` that predict ``batch['targets']``."""
-        return self.forward_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1]
+    def response_outputs(self, model: Any, batch: Batch) -> Outputs:
+        """The outputs ``(B, L-1, .)`` that predict ``batch['targets']`` (hidden states + head, or logits)."""
+        return self.forward_outputs(model, batch["input_ids"], batch["attention_mask"]).shifted()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "sampler": self.sampler.state_dict()}
@@ -43,6 +42,7 @@ class SFT(DataMethod):
     """L = mean over response tokens of -log q(y_t | y_<t, x) (+ pt_coef * L_PT)."""
 
     def loss_terms(self, model: Any, batch: Batch) -> dict[str, Term]:
-        logits = self.response_logits(model, batch)
-        ce = token_cross_entropy(logits, batch["targets"].to(logits.device))
-        return {"ce": Term(ce, "loss_mask"), **self.pt_terms(model, batch)}
+        out = self.response_outputs(model, batch)
+        dev = out.x.device
+        logprob = self.terms(out, batch["loss_mask"].to(dev), targets_BT=batch["targets"].to(dev))["logprob"]
+        return {"ce": Term(-logprob, "loss_mask"), **self.pt_terms(model, batch)}
