@@ -73,6 +73,19 @@ def tiny_config_dict(task: dict[str, Path], out: Path, method: str = "sft", **se
     return cfg
 
 
+class GradCatcher:
+    """A stand-in optimizer: keeps the gradients of each step instead of applying them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.grads = model, []
+
+    def step(self) -> None:
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
 @contextlib.contextmanager
 def loopback_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """Serve ``handler`` on 127.0.0.1 (a free port) in a thread; yields ``http://127.0.0.1:PORT``."""

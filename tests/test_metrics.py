@@ -29,6 +29,73 @@ from minillm.eval.judge import OpenAICompatibleJudge, make_judge
 from minillm.eval.metrics import lcs_length, rouge_l_scores
 from minillm.eval.testsets import load_test_set, sniff_format
 
+# --- self-BLEU and valid-answer diversity ------------------------------------------------------
+
+
+def test_self_bleu_hand_computed() -> None:
+    from minillm.text_metrics import self_bleu
+
+    # BLEU-2 of "a b c" against "a b d": p1 = 2/3, p2 = 1/2, same length -> sqrt(1/3); symmetric
+    assert self_bleu(["a b c", "A B D"], 2) == pytest.approx(100 * math.sqrt(1 / 3))
+    # BLEU-1 with clipping: "the the the" -> 1 of 3 ("the" appears at most once in one other response);
+    # "the cat" -> 2 of 2; "a cat" -> 1 of 2; no brevity penalty (each at least as long as the closest other)
+    assert self_bleu(["the the the", "the cat", "a cat"], 1) == pytest.approx(100 * (1 / 3 + 1 + 1 / 2) / 3)
+    # brevity penalty: "cat" against "the cat sat": p1 = 1, BP = exp(1 - 3 / 1); the other: p1 = 1/3, BP 1
+    assert self_bleu(["cat", "the cat sat"], 1) == pytest.approx(100 * (math.exp(-2) + 1 / 3) / 2)
+    # smoothing (NLTK method1): no matching bigram counts as 0.1 / 1 -> sqrt(1/2 * 0.1)
+    assert self_bleu(["a b", "a c"], 2) == pytest.approx(100 * math.sqrt(0.05))
+    assert self_bleu(["", "a"], 1) == pytest.approx(0.0)  # no word, and no matching word: 0
+    assert self_bleu(["only one"]) is None and self_bleu([]) is None
+    with pytest.raises(ValueError):
+        self_bleu(["a", "b"], 0)
+
+
+def test_self_bleu_equals_nltk_sentence_bleu_against_the_others() -> None:
+    """Brute force: every response scored by NLTK against all the others, method1 smoothing."""
+    import warnings
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    from minillm.text_metrics import self_bleu
+
+    smooth = SmoothingFunction().method1
+    rng = random.Random(4)
+    for _ in range(60):
+        texts = [" ".join(rng.choice("abcdE") for _ in range(rng.randrange(0, 9))) for _ in range(rng.randrange(2, 7))]
+        words = [t.lower().split() for t in texts]
+        for n in (1, 2, 4):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # NLTK warns on zero counts
+                want = [100 * sentence_bleu([w for j, w in enumerate(words) if j != i], h, weights=(1 / n,) * n,
+                                            smoothing_function=smooth) if h else 0.0 for i, h in enumerate(words)]
+            assert self_bleu(texts, n) == pytest.approx(sum(want) / len(want), abs=1e-9), (texts, n)
+
+
+def test_valid_answers_hand_and_naive() -> None:
+    from minillm.text_metrics import valid_answers
+
+    samples = [["red", "Blue.", "red"], ["x", "x"], ["bird", "dog"]]
+    refs = [["red", "blue", "green"], ["x"], ["bird", "bat", "bee", "owl"]]
+    got = valid_answers(samples, refs)  # the one-answer prompt does not count
+    assert got == pytest.approx({"distinct": (2 + 1) / 2, "possible": (3 + 2) / 2, "valid": (100 + 50) / 2,
+                                 "prompts": 2, "samples": 2.5})
+    assert valid_answers([["a"]], [["a", "A."]]) is None  # one answer after normalisation
+    with pytest.raises(ValueError):
+        valid_answers([["a"]], [])
+    rng = random.Random(5)
+    for _ in range(50):
+        refs = [rng.sample("abcdef", rng.randrange(1, 5)) for _ in range(6)]
+        samples = [[rng.choice("abcdefgh") for _ in range(rng.randrange(1, 6))] for _ in range(6)]
+        multi = [i for i, r in enumerate(refs) if len(r) > 1]
+        got = valid_answers(samples, refs)
+        if not multi:
+            assert got is None
+            continue
+        assert got["distinct"] == pytest.approx(sum(len(set(samples[i]) & set(refs[i])) for i in multi) / len(multi))
+        assert got["valid"] == pytest.approx(sum(100 * sum(s in refs[i] for s in samples[i]) / len(samples[i])
+                                                 for i in multi) / len(multi))
+
+
 # --- Rouge-L against the rouge-score package ------------------------------------------------------
 
 WORDS = ["the", "cat", "cats", "running", "runs", "ran", "a", "Dog", "dogs,", "quickly!", "quick", "café", "naïve",

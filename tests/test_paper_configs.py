@@ -15,7 +15,7 @@ from minillm.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-ALL = sorted(CONFIGS.rglob("*.yaml"))  # every shipped config: loads, restates no default
+ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] != "sweeps")  # every run config: loads, restates no default (sweep files: test_sweep.py)
 # the paper's recipes (configs/examples/ holds recipes for other model pairs, checked for loading only)
 RECIPES = [p for p in ALL if p.relative_to(CONFIGS).parts[0] != "examples"]
 _MISSING = object()

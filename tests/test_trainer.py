@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config_dict
+from conftest import GradCatcher, tiny_config_dict
 from minillm.checkpoint import read_state
 from minillm.config import Config, config_from_dict, load_config
 from minillm.data import load_run_data
@@ -91,19 +91,6 @@ def test_no_weight_decay_on_biases() -> None:
 
 
 # --- gradient accumulation -------------------------------------------------------------------
-
-
-class GradCatcher:
-    """A stand-in optimizer: keeps the gradients of each step instead of applying them."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.grads = model, []
-
-    def step(self) -> None:
-        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None})
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.model.zero_grad(set_to_none=set_to_none)
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +298,7 @@ ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "alpha_0": ({"alpha": 0.0}, "rollout"),
     "clip_0": ({"clip": 0.0}, "clip"),
     "whiten_on": ({"whiten": True}, "pg"),
+    "whiten_minibatch_padded": ({"whiten": "minibatch_padded"}, "pg"),
     "include_current_reward": ({"include_current_reward": True}, "pg"),
     "reward_clip": ({"reward_clip": 1e-3}, "pg"),
     "pt_kd": ({"pretrain": True, "pt_kd_ratio": 0.5}, "pt"),

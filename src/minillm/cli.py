@@ -125,6 +125,36 @@ def eval_cmd(config: str, overrides: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--grid", "grids", multiple=True, metavar="KEY=V1,V2", help="An axis of the grid (repeatable; replaces the file's axis of KEY).")
+@click.option("--out", default=None, help="Sweep folder [default: the file's sweep.out, else runs/sweeps/NAME].")
+@click.option("--print-commands", is_flag=True, help="Print one `minillm train ... && minillm eval ...` line per run instead of running.")
+@click.option("--demo", "demo", is_flag=True, help="Run the grid on the demo's task (its teacher and SFT student are trained first).")
+@click.option("--size", type=click.Choice(["quick", "default", "large"]), default="default", show_default=True,
+              help="With --demo: the demo study size.")
+@click.option("--device", default="auto", show_default=True, help="With --demo: auto, cpu or cuda.")
+def sweep(config: str, overrides: tuple[str, ...], grids: tuple[str, ...], out: str | None, print_commands: bool,
+          demo: bool, size: str, device: str) -> None:
+    """Train, evaluate and compare the runs of a grid (a sweep file of configs/sweeps/, or CONFIG with --grid).
+    OVERRIDES: dotted.key=value for every run."""
+    from minillm.demo import SIZES
+    from minillm.sweep import load_sweep, run_sweep
+    from minillm.sweep import print_commands as commands
+
+    if demo and print_commands:
+        raise UserError("--print-commands with --demo: the demo's sweep runs here (its teacher and SFT student are "
+                        "trained first); drop --print-commands")
+    sw = load_sweep(config, list(grids), list(overrides), out, demo=SIZES[size] if demo else None, demo_size=size, device=device)
+    if print_commands:
+        click.echo(commands(sw))
+        return
+    with progress_bar() as bar:
+        text = run_sweep(sw, progress=bar)
+    click.echo(text)
+
+
+@cli.command()
 @click.option("--out", default="minillm-demo", show_default=True, help="Folder for the run folders and the report.")
 @click.option("--quick", is_flag=True, help="Same as --size quick (about 35 seconds on 2 CPU cores).")
 @click.option("--size", type=click.Choice(["quick", "default", "large"]), default=None,

@@ -12,6 +12,7 @@ prompts up to 256 tokens and sequences up to 512.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -28,6 +29,34 @@ from minillm.textio import decode_utf8
 
 METHODS = ("sft", "minillm", "kd", "seqkd")
 TEACHER_METHODS = ("minillm", "kd")  # methods that load teacher.path (their classes say needs_teacher)
+WHITEN = ("none", "rollout", "minibatch_padded")
+ALPHA_SCHEDULES = ("constant", "linear", "cosine")
+TRACKERS = ("tensorboard", "wandb")
+
+# ``minillm.recipe``: named tables of dotted keys applied at load time to every key the config does
+# not set itself (an explicit key always wins); config.yaml records the resolved values. "paper" is the
+# defaults below, unchanged. "reference" is every place where the reference code (microsoft/LMOps,
+# minillm/) departs from the paper: both models re-scored teacher-forced after sampling, its trainer's
+# return (r_t included, gamma 0.95), reward scaling
+# (its --reward-scaling 0.5) and clipping, advantage whitening per PPO mini-batch with padding
+# counted, the unweighted single-step term, 0.5 forward KD in L_PT (--kd-ratio 0.5), and its
+# optimizer (AdamW betas (0.9, 0.95), weight decay 1e-6 on every parameter).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "reference": {
+        "minillm.rescore": True,
+        "minillm.reward_scale": 2.0,
+        "minillm.reward_clip": 100.0,
+        "minillm.gamma": 0.95,
+        "minillm.include_current_reward": True,
+        "minillm.whiten": "minibatch_padded",
+        "minillm.single_step_weight": False,
+        "minillm.pt_kd_ratio": 0.5,
+        "train.adam_betas": [0.9, 0.95],
+        "train.weight_decay": 1e-6,
+        "train.weight_decay_on": "all",
+    },
+}
 TEMPLATES = ("alpaca", "chat", "raw")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -117,7 +146,8 @@ class TrainConfig:
     min_lr: float = 0.0  # floor of the cosine / linear decay
     warmup: int = 100  # linear warm-up steps
     schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to min_lr
-    weight_decay: float = 0.01  # AdamW decay on matrices (not on biases and norms)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay, on the parameters weight_decay_on names
+    weight_decay_on: str = "matrices"  # matrices (not biases and norms) or all (the reference code)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 8  # micro-batches per optimizer step
@@ -133,6 +163,10 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept; older ones are deleted
     resume: bool = True  # continue from the latest checkpoint in output_dir when there is one
     progress: bool = True  # live progress bar with a time estimate (on a terminal)
+    log_every: int = 10  # without a terminal (CI, nohup, Slurm): a log line every N steps with loss, metrics and ETA; 0 = off
+    report_to: list[str] = field(default_factory=list)  # tensorboard and/or wandb (optional extras): metrics.jsonl rows, resolved config, git commit
+    wandb_project: str = "minillm"  # W&B project (report_to: wandb)
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync` later) or online
     parallel: str = "ddp"  # under torchrun: ddp (whole student per rank, gradients all-reduced) or fsdp (FSDP2 shards its weights, gradients, optimizer state)
     teacher_sharding: str = "auto"  # auto: whole on each rank when its weights take under 40% of one GPU (always on CPU), else FSDP2-sharded; or whole / shard
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward: less memory, about a third more compute
@@ -141,6 +175,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
+        _check(self.weight_decay_on in ("matrices", "all"), "train.weight_decay_on", "must be 'matrices' or 'all'")
+        _check(self.log_every >= 0, "train.log_every", "must be >= 0 (0 turns the log lines off)")
+        for name in self.report_to:
+            _check(name in TRACKERS, "train.report_to", f"unknown tracker {name!r}; choose from {TRACKERS}")
+        _check(len(set(self.report_to)) == len(self.report_to), "train.report_to", f"names a tracker twice: {self.report_to}")
+        _check(self.wandb_mode in ("offline", "online"), "train.wandb_mode", "must be 'offline' or 'online'")
         _check(self.dtype in DTYPES, "train.dtype", f"must be one of {DTYPES}")
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(self.min_lr >= 0 and self.min_lr <= self.lr, "train.min_lr", "must lie in [0, train.lr]")
@@ -196,7 +236,10 @@ class GenerationConfig:
 class MiniLLMConfig:
     """MiniLLM's policy-gradient distillation; every stabiliser has its own switch."""
 
+    recipe: str = "paper"  # paper (these defaults) or reference: the reference code's settings (table below); explicit keys win
     alpha: float = 0.2  # teacher-mix strength: sample from (1-a) q + a p; 0 = pure student
+    alpha_schedule: str = "constant"  # constant (the paper), linear or cosine from alpha to alpha_end over training
+    alpha_end: float = 0.0  # teacher-mix strength at the last step (linear / cosine schedules)
     single_step: bool = True  # exact per-token reverse KL instead of its sampled estimate
     length_norm: bool = True  # average the future return over the remaining length
     gamma: float = 1.0  # discount counted from the response start (reference code: 0.95)
@@ -207,7 +250,7 @@ class MiniLLMConfig:
     pt_coef: float = 1.0  # weight of the pre-training loss (needs data.pretrain)
     single_step_weight: bool = True  # weight the single-step KL by w_t (paper); the reference code does not
     include_current_reward: bool = False  # reference code: the return includes r_t itself
-    whiten: bool = False  # reference code: whiten advantages over the rollout batch
+    whiten: str | bool = "none"  # none; rollout: over the rollout phase's real tokens; minibatch_padded: per PPO mini-batch, padding counted (reference code)
     reward_scale: float = 1.0  # rewards are multiplied by this; reference code: 2 (it divides by its --reward-scaling 0.5)
     reward_clip: float | None = None  # reference code: 100
     pt_kd_ratio: float = 0.0  # reference code mixes 0.5 LM + 0.5 forward KD on the pre-training batch
@@ -216,6 +259,12 @@ class MiniLLMConfig:
     cache_gb: float = 8.0  # budget for the logits a rollout phase keeps (the teacher cache, the decode's logits)
 
     def __post_init__(self) -> None:
+        if isinstance(self.whiten, bool):  # before 0.2 a switch: true whitened over the rollout phase
+            self.whiten = "rollout" if self.whiten else "none"
+        _check(self.recipe in RECIPES, "minillm.recipe", f"must be one of {tuple(RECIPES)}, got {self.recipe!r}")
+        _check(self.whiten in WHITEN, "minillm.whiten", f"must be one of {WHITEN} (or true = rollout, false = none)")
+        _check(self.alpha_schedule in ALPHA_SCHEDULES, "minillm.alpha_schedule", f"must be one of {ALPHA_SCHEDULES}")
+        _check(0 <= self.alpha_end < 1, "minillm.alpha_end", "must lie in [0, 1)")
         _check(0 <= self.alpha < 1, "minillm.alpha", "must lie in [0, 1) (the student must keep some mass)")
         _check(0 < self.gamma <= 1, "minillm.gamma", "must lie in (0, 1]")
         _check(0 <= self.clip < 1, "minillm.clip", "must lie in [0, 1); 0 disables clipping")
@@ -261,7 +310,7 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])  # one generation per seed (the paper: 5)
     max_examples: int | None = None  # first N examples of each test set
     batch_size: int = 16  # prompts generated together
-    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words"])  # columns of the table
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "exact_match", "dist_4", "self_bleu", "lm_loss", "length", "length_words"])  # columns of the table
     exposure_bias: bool = False  # ExAccErr curve of every model against teacher.path
     exposure_samples: int = 4  # samples per prompt for ExAccErr
     exposure_max_prompts: int = 50  # prompts used for ExAccErr
@@ -275,7 +324,7 @@ class EvalConfig:
     out: str | None = None  # defaults to output_dir/eval
 
     def __post_init__(self) -> None:
-        metrics = ("rouge_l", "exact_match", "dist_4", "lm_loss", "length", "length_words")
+        metrics = ("rouge_l", "exact_match", "dist_4", "self_bleu", "lm_loss", "length", "length_words")
         formats = DATA_FORMATS
         _check(len(self.seeds) >= 1, "eval.seeds", "needs at least one seed")
         _check(len(set(self.seeds)) == len(self.seeds), "eval.seeds", f"has a repeated seed: {self.seeds}")
@@ -384,6 +433,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise UserError(f"{key}: may not be null")
     origin = typing.get_origin(inner)
+    if origin in (Union, types.UnionType):  # e.g. str | bool: the first type that takes the value
+        for arm in typing.get_args(inner):
+            try:
+                return _coerce(value, arm, key)
+            except UserError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(inner))
+        raise UserError(f"{key}: expected {names}, got {value!r}")
     if inner is bool:
         if isinstance(value, bool):
             return value
@@ -481,25 +538,70 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_key(data: dict[str, Any], path: list[str], value: Any, item: str = "") -> None:
+    """``data[path[0]][path[1]]... = value`` in a nested dict, creating sections on the way."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {item or '.'.join(path)!r}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply dotted overrides to a nested dict (in place) and return it."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(data, path, value, item)
     return data
 
 
+def apply_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with ``minillm.recipe``'s table (:data:`RECIPES`) filling every key that
+    ``data`` does not set itself. An unknown recipe is left for validation to name."""
+    section = data.get("minillm")
+    recipe = section.get("recipe", "paper") if isinstance(section, dict) else "paper"
+    table = RECIPES.get(recipe) if isinstance(recipe, str) else None
+    out = copy.deepcopy(data)
+    for dotted, value in (table or {}).items():
+        node: Any = out
+        path = dotted.split(".")
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not (isinstance(node, dict) and path[-1] in node):
+            set_key(out, path, copy.deepcopy(value))
+    return out
+
+
 def config_from_dict(data: dict[str, Any], source: str = "", lines: dict[str, int | str] | None = None) -> Config:
-    """Build and validate a :class:`Config` from a nested dict."""
-    return _build(Config, data, "", lines or {}, source)
+    """Build and validate a :class:`Config` from a nested dict (``minillm.recipe`` resolved first)."""
+    return _build(Config, apply_recipe(data), "", lines or {}, source)
+
+
+def read_yaml(p: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A YAML file's top-level mapping (empty for an empty file) and the line of every dotted key;
+    a missing file or bad YAML is a :class:`UserError` naming the file (and line)."""
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    text = decode_utf8(p.read_bytes(), p).removeprefix("\ufeff")
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise UserError(f"{p}: YAML nested deeper than the parser allows") from None
+    except (ValueError, OverflowError) as e:  # a scalar YAML reads but Python cannot build, e.g. the date 2024-13-01
+        raise UserError(f"{p}: not valid YAML ({e})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{p}: expected a mapping of config keys at the top level")
+    return loaded, _yaml_lines(text)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -508,27 +610,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     lines: dict[str, int] = {}
     source = ""
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise UserError(f"{p}: config file not found")
-        text = decode_utf8(p.read_bytes(), p).removeprefix("\ufeff")
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        except RecursionError:
-            raise UserError(f"{p}: YAML nested deeper than the parser allows") from None
-        except (ValueError, OverflowError) as e:  # a scalar YAML reads but Python cannot build, e.g. the date 2024-13-01
-            raise UserError(f"{p}: not valid YAML ({e})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{p}: expected a mapping of config keys at the top level")
-        data = loaded
-        lines = _yaml_lines(text)
+        source = str(path)
+        data, lines = read_yaml(Path(path))
     merge_overrides(data, overrides or [])
     where: dict[str, int | str] = dict(lines)
     for item in overrides or []:

@@ -68,7 +68,34 @@ def reference_markdown() -> str:
             meaning = notes.get(f.name, "").replace("|", "\\|")
             rows.append(f"| `{prefix}{f.name}` | {_default(f)} | {meaning} |")
         parts.append(f"#### {title}\n\n{doc}\n\n| key | default | meaning |\n|---|---|---|\n" + "\n".join(rows))
+        if cls is C.MiniLLMConfig:
+            parts.append(recipe_markdown())
     return "\n\n".join(parts)
+
+
+def recipe_markdown() -> str:
+    """The ``minillm.recipe`` tables: what each recipe sets, beside the default it replaces."""
+    defaults = C.Config().to_dict()
+    out = []
+    for name, table in C.RECIPES.items():
+        if not table:
+            continue
+        rows = []
+        for dotted, value in table.items():
+            section, key = dotted.split(".")
+            rows.append(f"| `{dotted}` | {_value(value)} | {_value(defaults[section][key])} |")
+        out.append(f"`minillm.recipe: {name}` sets these keys, each unless the config sets it itself (an explicit key "
+                   f"wins; `config.yaml` records the result):\n\n| key | {name} | default (paper) |\n|---|---|---|\n"
+                   + "\n".join(rows))
+    return "\n\n".join(out)
+
+
+def _value(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"`{value}`"
 
 
 def update_readme(path: Path) -> bool:

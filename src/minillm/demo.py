@@ -175,34 +175,46 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 1
     return f"{block}\nper-seed folders: {', '.join(str(f) for f in folders.values())}\ntable: {out / 'demo_table.md'}"
 
 
-def run_pipeline(out: Path, dims: DemoSize, name: str, device: str, seed: int, progress: Any = None) -> str:
-    """One whole pipeline (data, teacher, students, evaluation, toy, report) under ``out``."""
+def study_setup(out: Path, dims: DemoSize, name: str, device: str, seed: int) -> tuple[dict[str, Config], dict[str, Path]]:
+    """Stage 1 under ``out`` (the task's data, the initial models) and every stage's config
+    (:func:`study_configs`); also the start of ``minillm sweep --demo``."""
     from minillm.data.task import corpus_texts, write_task
-    from minillm.eval.runner import run_eval
-    from minillm.generate_data import run_generate
-    from minillm.report import write_report
     from minillm.tiny import build_word_tokenizer, save_pair, tiny_gpt2
-    from minillm.toy import run_toy
 
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
     data = write_task(out / "data", seed, dims.n_train, dims.n_valid, dims.n_test)
     tok = build_word_tokenizer(corpus_texts())
     init = out / "models" / name
     if not (init / "student" / "config.json").exists():
         save_pair(tiny_gpt2(tok, *dims.teacher, n_head=4, seed=seed), tok, init / "teacher")
         save_pair(tiny_gpt2(tok, *dims.student, n_head=4, seed=seed + 1), tok, init / "student")
-    cfgs = study_configs(out, dims, init, data, device, seed)
+    return study_configs(out, dims, init, data, device, seed), data
+
+
+def train_stages(cfgs: dict[str, Config], names: tuple[str, ...], progress: Any = None,
+                 timings: dict[str, float] | None = None) -> None:
+    """Train the named stages in order, reusing each finished one (see :func:`_stage`)."""
+    for stage in names:
+        _stage(stage, cfgs[stage], progress, timings if timings is not None else {})
+
+
+def run_pipeline(out: Path, dims: DemoSize, name: str, device: str, seed: int, progress: Any = None) -> str:
+    """One whole pipeline (data, teacher, students, evaluation, toy, report) under ``out``."""
+    from minillm.eval.runner import run_eval
+    from minillm.generate_data import run_generate
+    from minillm.report import write_report
+    from minillm.toy import run_toy
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cfgs, data = study_setup(out, dims, name, device, seed)
     timings["data"] = time.perf_counter() - t0
 
-    for stage in ("teacher", "sft", "kd"):
-        _stage(stage, cfgs[stage], progress, timings)
+    train_stages(cfgs, ("teacher", "sft", "kd"), progress, timings)
     t1 = time.perf_counter()
     log.info("demo: stage seqkd_generate (teacher samples for SeqKD)")
     run_generate(cfgs["seqkd_generate"], out=cfgs["seqkd"].data.train, samples=1, which="teacher", progress=progress)
     timings["seqkd_generate"] = time.perf_counter() - t1
-    for stage in ("seqkd", "minillm"):
-        _stage(stage, cfgs[stage], progress, timings)
+    train_stages(cfgs, ("seqkd", "minillm"), progress, timings)
 
     t2 = time.perf_counter()
     log.info("demo: stage eval (%d models x %d sampling seeds)", len(cfgs["eval"].eval.models), len(cfgs["eval"].eval.seeds))

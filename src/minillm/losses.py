@@ -277,3 +277,25 @@ def whiten(values_BT: torch.Tensor, mask_BT: torch.Tensor, shift_mean: bool = Tr
     if not shift_mean:
         out = out + mean
     return out * m
+
+
+def whiten_padded(values_BT: torch.Tensor) -> torch.Tensor:
+    """The reference code's whitening of one PPO mini-batch -> ``(B, T)``: (x - mean) / sqrt(var + 1e-8)
+    over *every* position of the padded tensor, so padding (0 where the caller padded) enters both
+    the mean and the variance, and the result is not zero there (the loss masks it).
+
+    mean and var (denominator n, the population variance) are taken over the positions of every
+    rank's mini-batch under ``torch.distributed``, as the reference's ``get_global_statistics``,
+    which is the path it always takes (it initialises a process group even for one GPU)."""
+    import torch.distributed as dist
+
+    x = values_BT.detach()
+    sum_count = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(sum_count)
+    mean = sum_count[0] / sum_count[1]
+    sq = ((x - mean) ** 2).sum()
+    if distributed:
+        dist.all_reduce(sq)
+    return (x - mean) * torch.rsqrt(sq / sum_count[1] + 1e-8)

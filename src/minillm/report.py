@@ -6,6 +6,9 @@ Inputs (each section appears only when its data exists):
   ``summary.json``, and maybe ``eval/`` (an evaluation folder) and ``toy/`` (a toy folder);
 * an **evaluation folder** (``minillm eval``): ``results.json``;
 * a **toy folder** (``minillm toy``): ``toy.json`` and ``toy.png``;
+* a **sweep folder** (``minillm sweep``): ``sweep.json`` and its run folders (``<sweep>/<run>/``,
+  each with ``eval/``): the sweep section (the ablation table in the paper's layout, metric-vs-value
+  plots of every numeric axis, the runs' training curves overlaid);
 * a folder holding any of these one or two levels down (e.g. a ``minillm demo`` folder).
 
 Outputs in the report folder: ``report.html`` (inline CSS, PNG files beside it, nothing external),
@@ -43,6 +46,7 @@ CURVES: dict[str, str] = {
     "seq_reverse_kl": "reverse KL estimate (per sequence)",
     "reward": "reward r_t (per token)",
     "response_len": "response length (tokens)",
+    "alpha": "teacher-mix strength a",
     "clip_frac": "clip fraction",
     "valid_loss": "validation loss",
     "valid_rouge_l": "validation Rouge-L",
@@ -52,6 +56,7 @@ EVAL_METRICS: dict[str, str] = {
     "rouge_l": "Rouge-L",
     "exact_match": "Exact match",
     "dist_4": "Dist-4",
+    "self_bleu": "Self-BLEU",
     "lm_loss": "LM loss",
     "length": "Length (tokens)",
     "length_words": "Length (words)",
@@ -95,10 +100,23 @@ class ToySource:
 
 
 @dataclass
+class SweepSource:
+    """A sweep folder: ``sweep.json`` (:func:`minillm.sweep.write_manifest`), its runs by name and the
+    ``results.json`` of each evaluated run."""
+
+    path: Path
+    manifest: dict[str, Any]
+    runs: dict[str, RunSource] = field(default_factory=dict)
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    name: str = ""
+
+
+@dataclass
 class Sources:
     runs: list[RunSource] = field(default_factory=list)
     evals: list[EvalSource] = field(default_factory=list)
     toys: list[ToySource] = field(default_factory=list)
+    sweeps: list[SweepSource] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -114,8 +132,12 @@ def _is_toy(d: Path) -> bool:
     return (d / "toy.json").is_file() or (d / "toy.png").is_file()
 
 
+def _is_sweep(d: Path) -> bool:
+    return (d / "sweep.json").is_file()
+
+
 def _is_any(d: Path) -> bool:
-    return _is_run(d) or _is_eval(d) or _is_toy(d)
+    return _is_run(d) or _is_eval(d) or _is_toy(d) or _is_sweep(d)
 
 
 def _expand(d: Path, depth: int = 2) -> list[Path]:
@@ -178,11 +200,13 @@ def collect_sources(dirs: Iterable[Path]) -> Sources:
     return src
 
 
-def _add_folder(d: Path, src: Sources, seen: set[Path]) -> None:
+def _add_folder(d: Path, src: Sources, seen: set[Path], with_eval: bool = True) -> None:
     key = d.resolve()
     if key in seen:
         return
     seen.add(key)
+    if _is_sweep(d):
+        _add_sweep(d, src, seen)
     if _is_run(d):
         run = RunSource(d)
         if (d / "metrics.jsonl").is_file():
@@ -195,7 +219,7 @@ def _add_folder(d: Path, src: Sources, seen: set[Path]) -> None:
                 raise UserError(f"{d / 'summary.json'}: expected a JSON object")
             run.summary = summary
         src.runs.append(run)
-        for sub in ("eval", "toy"):
+        for sub in ("eval", "toy") if with_eval else ("toy",):
             if (d / sub).is_dir() and _is_any(d / sub):
                 _add_folder(d / sub, src, seen)
     if _is_eval(d):
@@ -208,9 +232,32 @@ def _add_folder(d: Path, src: Sources, seen: set[Path]) -> None:
         src.toys.append(ToySource(d, result, d / "toy.png" if (d / "toy.png").is_file() else None))
 
 
+def _add_sweep(d: Path, src: Sources, seen: set[Path]) -> None:
+    """A sweep and its runs; the runs' evaluations go to the sweep's tables, not to one section each."""
+    manifest = _read_json(d / "sweep.json")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), list) or not isinstance(manifest.get("axes"), list):
+        raise UserError(f"{d / 'sweep.json'}: expected the object `minillm sweep` writes (axes, runs); rerun `minillm sweep`")
+    sw = SweepSource(d, manifest)
+    for entry in manifest["runs"]:
+        name = str(entry.get("name", ""))
+        run_dir = d / name  # a run lives in <sweep>/<name>, wherever the sweep was started from
+        if not name or not run_dir.is_dir():
+            src.warnings.append(f"{d / 'sweep.json'}: run {name!r} has no folder {run_dir}; left out")
+            continue
+        _add_folder(run_dir, src, seen, with_eval=False)
+        found = [r for r in src.runs if r.path.resolve() == run_dir.resolve()]
+        if found:
+            sw.runs[name] = found[0]
+        if (run_dir / "eval" / "results.json").is_file():
+            results = _read_json(run_dir / "eval" / "results.json")
+            if isinstance(results, dict):
+                sw.results[name] = results
+    src.sweeps.append(sw)
+
+
 def _name_sources(src: Sources) -> None:
     """Short unique display names: the folder name, with parents added until names differ."""
-    items: list[Any] = [*src.runs, *src.evals, *src.toys]
+    items: list[Any] = [*src.runs, *src.evals, *src.toys, *src.sweeps]
     for depth in range(1, 8):
         names = ["/".join(it.path.resolve().parts[-depth:]) for it in items]
         if len(set(names)) == len(names) or depth == 7:
@@ -379,7 +426,12 @@ def _plot_line(ax: Any, xs: Sequence[float], ys: Sequence[float], **kw: Any) -> 
 
 def plot_run_curves(run: RunSource, path: Path) -> list[str]:
     """One panel per logged :data:`CURVES` key; returns the keys drawn (empty: nothing written)."""
-    keys = [k for k in CURVES if _series(run.metrics, k)[0]]
+    return _plot_curves({run.name: run}, path, run.name)
+
+
+def _plot_curves(runs: dict[str, RunSource], path: Path, title: str | None = None) -> list[str]:
+    """One panel per :data:`CURVES` key some run logged, one line per run (a legend when several)."""
+    keys = [k for k in CURVES if any(_series(r.metrics, k)[0] for r in runs.values())]
     if not keys:
         return []
     cols = min(3, len(keys))
@@ -387,13 +439,18 @@ def plot_run_curves(run: RunSource, path: Path) -> list[str]:
     fig = _figure(4.0 * cols, 2.8 * nrows)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(nrows, cols, i + 1)
-        xs, ys = _series(run.metrics, key)
-        _plot_line(ax, xs, ys, color="tab:blue")
+        for name, run in runs.items():
+            xs, ys = _series(run.metrics, key)
+            if xs:
+                _plot_line(ax, xs, ys, **({"color": "tab:blue"} if len(runs) == 1 else {"label": name}))
         ax.set_title(CURVES[key], fontsize=10)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle(run.name, fontsize=11)
+        if i == 0 and len(runs) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     return keys
@@ -504,6 +561,23 @@ def eval_tables(results: dict[str, Any], where: Path) -> dict[str, tuple[list[st
     return tables
 
 
+def _valid_answers(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """``results.json``'s ``valid_answers`` entries that are complete: {model: {set: entry}}."""
+    section = results.get("valid_answers")
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    if isinstance(section, dict):
+        for model, sets in section.items():
+            good = {str(k): v for k, v in sets.items() if isinstance(v, dict)
+                    and all(_finite(v.get(f)) for f in ("distinct", "possible", "valid", "prompts", "samples"))} if isinstance(sets, dict) else {}
+            if good:
+                out[str(model)] = good
+    return out
+
+
+def _answers_cells(v: dict[str, float]) -> list[str]:
+    return [f"{v['distinct']:.2f}", f"{v['possible']:.2f}", f"{v['valid']:.1f}", str(int(v["prompts"])), f"{v['samples']:g}"]
+
+
 def _comparison(doc: Doc, ev: EvalSource) -> None:
     where = ev.path / "results.json"
     res = ev.results
@@ -526,6 +600,12 @@ def _comparison(doc: Doc, ev: EvalSource) -> None:
     seeds = res.get("seeds")
     n = f"{len(seeds)} sampling seed(s): {', '.join(map(str, seeds))}" if isinstance(seeds, list) and seeds else "sampling seeds"
     doc.para(f"mean ± sample standard deviation over {n}; n/a = not measurable on that test set", "note")
+    rows = [[model, set_name, *_answers_cells(v)] for model, sets in _valid_answers(res).items() for set_name, v in sets.items()]
+    if rows:
+        doc.heading(f"Semantic diversity ({ev.name})", 3)
+        doc.table(["model", "test set", "distinct valid answers", "of possible", "valid %", "prompts", "samples"], rows)
+        doc.para("on the prompts with several valid answers: per prompt, the distinct valid answers among one response "
+                 "per sampling seed (exact match after normalisation); possible = min(samples, answers)", "note")
 
 
 def _exposure(ev: EvalSource, warnings: list[str]) -> dict[str, tuple[list[float], list[float], dict[str, Any]]]:
@@ -567,6 +647,180 @@ def _calibration(ev: EvalSource, warnings: list[str]) -> dict[str, dict[str, Any
             continue
         out[str(model)] = cal
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps (`minillm sweep`): runs per test set, the ablation table, metric-vs-value plots, curves
+
+SWEEP_METRICS = ("rouge_l", "exact_match", "dist_4", "self_bleu")
+
+
+def _sweep_model(sw: SweepSource, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one model a run's evaluation holds: (its summary by set, its valid_answers by set)."""
+    res = sw.results.get(name) or {}
+    summary = res.get("summary") if isinstance(res.get("summary"), dict) else {}
+    model = next(iter(summary), None)
+    by_set = summary.get(model) if model is not None and isinstance(summary.get(model), dict) else {}
+    return by_set, _valid_answers(res).get(str(model), {}) if model is not None else {}
+
+
+def _sweep_sets(sw: SweepSource) -> list[str]:
+    return list(dict.fromkeys(s for name in sw.results for s in _sweep_model(sw, name)[0]))
+
+
+def _sweep_value(sw: SweepSource, name: str, set_name: str | None, metric: str) -> tuple[float, float] | None:
+    """(mean, std) of ``metric`` for one run: a test-set metric, ``distinct`` (valid answers) or the
+    best ``valid_rouge_l`` of training (``set_name`` None)."""
+    if metric == "valid_rouge_l":
+        run = sw.runs.get(name)
+        ys = _series(run.metrics, "valid_rouge_l")[1] if run is not None else []
+        return (max(ys), 0.0) if ys else None
+    by_set, answers = _sweep_model(sw, name)
+    if metric == "distinct":
+        v = answers.get(str(set_name))
+        return (float(v["distinct"]), 0.0) if v else None
+    metrics = by_set.get(str(set_name))
+    return _cell(metrics.get(metric)) if isinstance(metrics, dict) else None
+
+
+def _groups(sw: SweepSource, axis: str) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """The runs grouped by their labels on every axis but ``axis``, in manifest order."""
+    others = [a["name"] for a in sw.manifest["axes"] if a["name"] != axis]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for entry in sw.manifest["runs"]:
+        levels = entry.get("levels") or {}
+        groups.setdefault(tuple(str(levels.get(o)) for o in others), []).append(entry)
+    return groups
+
+
+def _group_text(sw: SweepSource, axis: str, key: tuple[str, ...]) -> str:
+    others = [a["name"] for a in sw.manifest["axes"] if a["name"] != axis]
+    return ", ".join(f"{o} {v}" for o, v in zip(others, key))
+
+
+def _fmt_drop(cell: tuple[float, float] | None, ref: tuple[float, float] | None, is_ref: bool) -> str:
+    if cell is None:
+        return "n/a"
+    text = f"{cell[0]:.2f} ± {cell[1]:.2f}" if cell[1] else f"{cell[0]:.2f}"
+    if is_ref or ref is None:
+        return text
+    return f"{text} ({cell[0] - ref[0]:+.2f})"
+
+
+def sweep_tables(doc: Doc, sw: SweepSource) -> None:
+    """The ablation table in the paper's layout (Table 4: Rouge-L per variant with the change from
+    the reference level) and, per test set, every run's metrics."""
+    sets = _sweep_sets(sw)
+    ref = sw.manifest.get("reference")
+    if isinstance(ref, dict) and ref.get("axis"):
+        for key, entries in _groups(sw, ref["axis"]).items():
+            ref_entry = next((e for e in entries if (e.get("levels") or {}).get(ref["axis"]) == ref["label"]), None)
+            cols = [("valid_rouge_l", None)] + [("rouge_l", s) for s in sets]
+            cols = [c for c in cols if any(_sweep_value(sw, e["name"], c[1], c[0]) for e in entries)]
+            if ref_entry is None or not cols:
+                continue
+            where = _group_text(sw, ref["axis"], key)
+            doc.heading(f"Ablation: Rouge-L and the change from {ref['label']}" + (f" ({where})" if where else ""), 3)
+            refs = {c: _sweep_value(sw, ref_entry["name"], c[1], c[0]) for c in cols}
+            doc.table([ref["axis"]] + ["valid Rouge-L (best)" if c[0] == "valid_rouge_l" else f"{c[1]} Rouge-L" for c in cols],
+                      [[str((e.get("levels") or {}).get(ref["axis"]))]
+                       + [_fmt_drop(_sweep_value(sw, e["name"], c[1], c[0]), refs[c], e is ref_entry) for c in cols]
+                       for e in entries])
+    axes = [a["name"] for a in sw.manifest["axes"]]
+    axes = axes if len(axes) > 1 else []  # one axis: the run name says it
+    for set_name in sets:
+        doc.heading(f"Runs on {set_name}", 3)
+        keys = [m for m in SWEEP_METRICS if any(_sweep_value(sw, e["name"], set_name, m) for e in sw.manifest["runs"])]
+        rows = []
+        for e in sw.manifest["runs"]:
+            levels = e.get("levels") or {}
+            best = _sweep_value(sw, e["name"], None, "valid_rouge_l")
+            _, answers = _sweep_model(sw, e["name"])
+            v = answers.get(set_name)
+            rows.append([e["name"], *(str(levels.get(a)) for a in axes), f"{best[0]:.2f}" if best else "-",
+                         *(_fmt_cell(_sweep_value(sw, e["name"], set_name, m), m) for m in keys),
+                         f"{v['distinct']:.2f} of {v['possible']:.2f}" if v else "-"])
+        doc.table(["run", *axes, "valid Rouge-L (best)", *(EVAL_METRICS.get(m, m) for m in keys), "distinct valid answers"], rows)
+    doc.para("mean ± standard deviation over the evaluation's sampling seeds; valid Rouge-L (best): the highest "
+             "validation Rouge-L logged in training; distinct valid answers: per multi-answer prompt, over the seeds", "note")
+
+
+def _numeric_axes(sw: SweepSource) -> list[dict[str, Any]]:
+    return [a for a in sw.manifest["axes"] if a.get("key") and isinstance(a.get("values"), list) and len(a["values"]) > 1
+            and all(_finite(v) for v in a["values"])]
+
+
+def plot_sweep_metrics(sw: SweepSource, axis: dict[str, Any], path: Path) -> bool:
+    """One panel per metric against the axis's value (error bars: std over seeds), one line per test
+    set and per level of the other axes; False when nothing is measured."""
+    value = dict(zip(axis["labels"], axis["values"]))
+    sets = _sweep_sets(sw)
+    panels = [(m, s) for m in (*SWEEP_METRICS, "distinct") for s in sets] + [("valid_rouge_l", None)]
+    titles = {**EVAL_METRICS, "distinct": "distinct valid answers", "valid_rouge_l": "validation Rouge-L (best)"}
+    drawn: list[tuple[str, list[tuple[str, list[float], list[float], list[float]]]]] = []
+    for metric, set_name in panels:
+        lines = []
+        for key, entries in _groups(sw, axis["name"]).items():
+            pts = []
+            for e in entries:
+                cell = _sweep_value(sw, e["name"], set_name, metric)
+                label = (e.get("levels") or {}).get(axis["name"])
+                if cell is not None and label in value:
+                    pts.append((float(value[label]), *cell))
+            if pts:
+                pts.sort()
+                lines.append((_group_text(sw, axis["name"], key), [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]))
+        if lines:
+            drawn.append((titles.get(metric, metric) + (f" ({set_name})" if set_name else ""), lines))
+    if not drawn:
+        return False
+    cols = min(3, len(drawn))
+    nrows = math.ceil(len(drawn) / cols)
+    fig = _figure(4.0 * cols, 3.0 * nrows)
+    for i, (title, lines) in enumerate(drawn):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        for label, xs, ys, es in lines:
+            ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, lw=1.4, capsize=3, label=label or None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(axis["key"], fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if any(label for label, *_ in lines):
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def plot_sweep_curves(runs: dict[str, RunSource], path: Path) -> list[str]:
+    """Every :data:`CURVES` key some run logged, one panel each, one line per run; the keys drawn."""
+    return _plot_curves(runs, path)
+
+
+def _sweep_section(doc: Doc, sw: SweepSource, out: Path, i: int) -> None:
+    m = sw.manifest
+    doc.heading(f"Sweep {m.get('name', sw.name)}")
+    axes = "; ".join(f"{a['name']}: {', '.join(map(str, a['labels']))}" for a in m["axes"])
+    trained = sum((e.get("status") or {}).get("train") == "trained" for e in m["runs"])
+    doc.para(f"{len(m['runs'])} runs from {m.get('file')}" + (f" on the demo's task (--demo {m['demo']})" if m.get("demo") else "")
+             + f"; grid {axes}; {trained} trained by the last `minillm sweep`, the others reused")
+    sweep_tables(doc, sw)
+    for axis in _numeric_axes(sw):
+        file = f"sweep_{i:02d}_{_slug(axis['name'])}.png"
+        if plot_sweep_metrics(sw, axis, out / file):
+            doc.image(file, f"evaluation metrics against {axis['key']} (error bars: std over sampling seeds)")
+    file = f"sweep_{i:02d}_curves.png"
+    if plot_sweep_curves(sw.runs, out / file):
+        doc.image(file, "training curves of every run of the sweep (x: optimizer step)")
+
+
+def sweep_markdown(folder: Path) -> str:
+    """The tables of the sweep in ``folder`` as Markdown (what `minillm sweep` prints)."""
+    src = collect_sources([folder])
+    doc = Doc()
+    for sw in src.sweeps:
+        sweep_tables(doc, sw)
+    return "\n".join(doc.md)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,13 +917,16 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     title = "minillm report: " + ", ".join(Path(d).name or str(d) for d in run_dirs)
 
     doc.heading("Sources")
-    doc.bullets([f"run {r.name}: {r.path}" for r in src.runs] + [f"evaluation {e.name}: {e.path}" for e in src.evals]
-                + [f"toy {t.name}: {t.path}" for t in src.toys])
+    doc.bullets([f"sweep {w.name}: {w.path}" for w in src.sweeps] + [f"run {r.name}: {r.path}" for r in src.runs]
+                + [f"evaluation {e.name}: {e.path}" for e in src.evals] + [f"toy {t.name}: {t.path}" for t in src.toys])
 
     if src.evals:
         doc.heading("Comparison")
         for ev in src.evals:
             _comparison(doc, ev)
+
+    for i, sw in enumerate(src.sweeps):
+        _sweep_section(doc, sw, out, i)
 
     if src.runs:
         doc.heading("Training runs")
@@ -679,7 +936,10 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
             file = f"compare_{key}.png"
             if plot_valid_overlay(src.runs, key, out / file):
                 doc.image(file, f"{CURVES[key]} of every run")
+        in_sweep = {id(r) for sw in src.sweeps for r in sw.runs.values()}  # drawn together in the sweep's section
         for i, run in enumerate(src.runs):
+            if id(run) in in_sweep:
+                continue
             doc.heading(f"Run {run.name}", 3)
             file = f"curves_{i:02d}_{_slug(run.name)}.png"
             if not run.metrics:

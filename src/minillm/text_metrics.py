@@ -1,4 +1,5 @@
-"""Text metrics on lists of strings: Rouge-L, exact match, distinct n-grams, response length.
+"""Text metrics on lists of strings: Rouge-L, exact match, distinct n-grams, self-BLEU, valid-answer
+diversity, response length.
 
 Every function takes plain Python strings and returns a percentage (0-100) unless it says
 otherwise, so a user can score any list of responses without a model:
@@ -13,8 +14,11 @@ responses cost O(n * m / word size) instead of the O(n * m) Python table.
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -27,6 +31,8 @@ __all__ = [
     "rouge_l",
     "rouge_l_scores",
     "rouge_tokenize",
+    "self_bleu",
+    "valid_answers",
 ]
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -162,3 +168,100 @@ def distinct_n(texts: Sequence[str], n: int = 4) -> float:
 def mean_words(texts: Sequence[str]) -> float:
     """Mean number of whitespace-separated words per response (0 for no responses)."""
     return sum(len(t.split()) for t in texts) / len(texts) if texts else 0.0
+
+
+def _ngrams(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def self_bleu(texts: Sequence[str], n: int = 4) -> float | None:
+    """Self-BLEU x 100 (Zhu et al. 2018, Texygen): the mean over responses of the BLEU-n of each one
+    against all the others as its references; higher = the responses repeat one another more.
+
+    Per response h with the others R: BLEU = BP exp(sum_{k=1..n} log(p_k) / n), where p_k is the
+    clipped k-gram precision (each k-gram of h counts at most its largest count in one response of
+    R) over the k-grams of h, BP = 1 if |h| > r else exp(1 - r / |h|) with r the length in R
+    closest to |h| (the shorter on a tie). Smoothing as NLTK's ``sentence_bleu`` with
+    ``SmoothingFunction().method1`` (Texygen's): a p_k with no match counts as 0.1 / max(1, number of
+    k-grams of h); a response with no matching word (or no word) scores 0. Tokens:
+    ``text.lower().split()``, as :func:`distinct_n`. None for fewer than two responses (nothing to
+    compare). Cost: linear in the total length (each k-gram's two largest counts are kept).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if len(texts) < 2:
+        return None
+    words = [t.lower().split() for t in texts]
+    grams = [[_ngrams(w, k) for k in range(1, n + 1)] for w in words]
+    # per k-gram: the largest count in one response, how many responses hold it, the second largest
+    top: list[dict[tuple[str, ...], list[int]]] = [{} for _ in range(n)]
+    for per_text in grams:
+        for k, counts in enumerate(per_text):
+            for g, c in counts.items():
+                entry = top[k].setdefault(g, [0, 0, 0])  # best, holders of best, second
+                if c > entry[0]:
+                    entry[:] = [c, 1, entry[0]]
+                elif c == entry[0]:
+                    entry[1] += 1
+                elif c > entry[2]:
+                    entry[2] = c
+    lengths = sorted(len(w) for w in words)
+    scores = []
+    for w, per_text in zip(words, grams):
+        hits, totals = [], []
+        for k, counts in enumerate(per_text):
+            matched = 0
+            for g, c in counts.items():
+                best, holders, second = top[k][g]
+                others = second if c == best and holders == 1 else best  # the largest count outside h
+                matched += min(c, others)
+            hits.append(matched)
+            totals.append(max(1, sum(counts.values())))
+        if not w or hits[0] == 0:
+            scores.append(0.0)
+            continue
+        log_p = sum(math.log((h if h else 0.1) / t) for h, t in zip(hits, totals)) / n
+        r = _closest_length(lengths, len(w))
+        bp = 1.0 if len(w) > r else math.exp(1 - r / len(w))
+        scores.append(100.0 * bp * math.exp(log_p))
+    return sum(scores) / len(scores)
+
+
+def _closest_length(lengths: list[int], c: int) -> int:
+    """The length closest to ``c`` in sorted ``lengths`` after removing one ``c`` (h itself); the
+    shorter one on a tie."""
+    rest = list(lengths)
+    del rest[bisect.bisect_left(rest, c)]
+    i = bisect.bisect_left(rest, c)
+    near = rest[max(0, i - 1) : i + 1]
+    return min(near, key=lambda x: (abs(x - c), x))
+
+
+def valid_answers(samples: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> dict[str, float] | None:
+    """Semantic diversity on prompts with several valid answers.
+
+    ``samples[i]``: the k responses to prompt i; ``references[i]``: its valid answers. Only prompts
+    with at least two distinct answers (after :func:`normalize_answer`) count. A response is valid
+    when it equals one of its prompt's answers after normalisation (exact match). Returns means over
+    those prompts: ``distinct``, the number of distinct valid answers among the k responses;
+    ``possible``, min(k, number of answers), the most ``distinct`` can reach; ``valid``, the share of
+    responses that are valid (x 100); and ``prompts``, ``samples`` (k, mean). None when no prompt has
+    several answers.
+    """
+    if len(samples) != len(references):
+        raise ValueError(f"{len(samples)} sample lists but {len(references)} reference lists")
+    distinct, possible, valid, ks = [], [], [], []
+    for outs, refs in zip(samples, references):
+        answers = {normalize_answer(r) for r in _as_refs(refs)}
+        if len(answers) < 2 or not outs:
+            continue
+        said = [normalize_answer(o) for o in outs]
+        distinct.append(len(answers.intersection(said)))
+        possible.append(min(len(outs), len(answers)))
+        valid.append(100.0 * sum(s in answers for s in said) / len(said))
+        ks.append(len(outs))
+    if not distinct:
+        return None
+    m = len(distinct)
+    return {"distinct": sum(distinct) / m, "possible": sum(possible) / m, "valid": sum(valid) / m,
+            "prompts": float(m), "samples": sum(ks) / m}

@@ -37,6 +37,7 @@ from minillm.parallel import (
     save_model,
 )
 from minillm.preflight import check_paths
+from minillm.tracking import Tracker
 from minillm.validate import validate
 
 log = logging.getLogger("minillm")
@@ -67,7 +68,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         data = load_run_data(cfg, models.tokenizer)
         method: Method = method_cls(cfg, models, data)
         model = models.student
-        max_steps = resolve_max_steps(cfg, len(data.train))
+        max_steps = method.max_steps = resolve_max_steps(cfg, len(data.train))
         opt, sched = build_optimizer(cfg, model, max_steps)
         scaler = loss_scaler(method, model)
         ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last, dist)
@@ -76,6 +77,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
             state = restore(ckpt, latest, model, opt, sched, method, scaler)
             log.info("resumed from %s (step %d)", latest, state.step)
         metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step) if dist.main else None
+        tracker = Tracker(cfg, out, max_steps, state.step, progress) if dist.main else None  # train.report_to, log lines
         select_key = "valid_rouge_l" if cfg.train.select_by == "rouge_l" else "valid_loss"
         progress = progress if dist.main else None
         task = progress.add_task(f"{cfg.method} ", total=max_steps, completed=state.step) if progress else None
@@ -110,11 +112,15 @@ def train(cfg: Config, progress: Any = None) -> Path:
                     save_model(models, out / "best")
             if metrics is not None:  # phase: log
                 metrics.write(row)
+            if tracker is not None:
+                tracker.log(row)
             if progress is not None:
                 progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
             if state.step % cfg.train.save_every == 0 or state.step == max_steps:  # phase: checkpoint
                 ckpt.save(state.step, model, opt, models.tokenizer, snapshot(state, sched, method, scaler))
 
+        if tracker is not None:
+            tracker.close()
         save_model(models, out / "final")
         if not dist.on_main(lambda: (out / "best").exists()):
             save_model(models, out / "best")
@@ -213,12 +219,13 @@ def token_counts(micro_batches: Iterable[Batch]) -> dict[str, float]:
 
 
 def build_optimizer(cfg: Config, model: Any, max_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no decay on biases and norms); warm-up then constant / cosine / linear to ``min_lr``."""
+    """AdamW (no decay on biases and norms unless ``train.weight_decay_on`` is ``all``); warm-up then
+    constant / cosine / linear to ``min_lr``."""
     t = cfg.train
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 or t.weight_decay_on == "all" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas))
     floor = t.min_lr / t.lr
@@ -313,6 +320,7 @@ def _comparable_hash(cfg: Config) -> str:
     # or from a run folder copied or mounted elsewhere
     c.output_dir = ""
     c.train.parallel, c.train.teacher_sharding, c.train.activation_checkpointing, c.train.dist_timeout_s = "ddp", "auto", False, 1.0
+    c.train.report_to, c.train.log_every, c.train.wandb_project, c.train.wandb_mode = [], 0, "", ""  # tracking only
     return config_hash(c)
 
 

@@ -6,10 +6,13 @@ For each model of ``eval.models`` (display name -> folder / Hub id / .gguf) and 
 training) and one response per prompt is sampled for every seed of ``eval.seeds`` with the
 ``generation.*`` settings (the paper: temperature 1, no top-k / top-p); a prompt's noise depends
 only on (seed, example index), so a response does not depend on the batch. Per seed the runner
-scores Rouge-L, exact match, Dist-4, response length (tokens, words) and optionally the judge;
+scores Rouge-L, exact match, Dist-4, self-BLEU, response length (tokens, words) and optionally the judge;
 the LM loss on the first reference does not depend on the seed (teacher-forced) and is repeated
 for every seed (std 0). Test sets without references (Vicuna) report n/a for Rouge-L, exact match
-and the loss.
+and the loss. On the prompts of a set that have several valid answers (two or more distinct
+references, e.g. the demo task's ``open`` prompts), the responses of the k = ``len(eval.seeds)``
+seeds give the semantic diversity (:func:`minillm.text_metrics.valid_answers`): how many distinct
+valid answers a model gives per prompt.
 
 Files under ``eval.out`` (default ``output_dir/eval``):
 
@@ -24,6 +27,8 @@ Files under ``eval.out`` (default ``output_dir/eval``):
   - ``per_seed``: {model: {set: {"<seed>": {metric: value or null}}}};
   - ``summary``: {model: {set: {metric: {"mean", "std", "n"} or null}}}; ``std`` is the sample
     standard deviation over seeds (0 for one seed); null = n/a;
+  - ``valid_answers``: {model: {set: {"distinct", "possible", "valid", "prompts", "samples"}}} for
+    the sets with multi-answer prompts (means over those prompts; ``valid`` in %);
   - ``judge`` (when ``eval.judge`` is set): {model: {set: {"<seed>": {"score", "mode", "rated",
     "failures", "skipped", "model_total", "reference_total"}}}};
   - ``exposure_bias`` (when ``eval.exposure_bias``): {model: {"lengths": [1..L], "ex_acc_err": [...],
@@ -62,7 +67,7 @@ from minillm.errors import UserError
 from minillm.eval.calibration import calibration_report, choice_probabilities, load_choice_records
 from minillm.eval.exposure import draw_samples, exposure_bias
 from minillm.eval.judge import Judge, judge_score, make_judge
-from minillm.eval.metrics import distinct_n, exact_match, mean_words, rouge_l
+from minillm.eval.metrics import distinct_n, exact_match, mean_words, rouge_l, self_bleu, valid_answers
 from minillm.eval.testsets import TestSet, load_test_set
 from minillm.models import check_same_vocabulary, load_model, load_tokenizer, resolve_device
 from minillm.preflight import check_paths
@@ -74,6 +79,7 @@ LABELS = {
     "rouge_l": "Rouge-L",
     "exact_match": "EM",
     "dist_4": "Dist-4",
+    "self_bleu": "Self-BLEU",
     "lm_loss": "Loss",
     "length": "Len (tok)",
     "length_words": "Len (words)",
@@ -113,6 +119,8 @@ def seed_metrics(
             out[m] = exact_match(preds, refs) if with_ref else None
         elif m == "dist_4":
             out[m] = distinct_n(texts, 4)
+        elif m == "self_bleu":
+            out[m] = self_bleu(texts, 4)
         elif m == "lm_loss":
             out[m] = lm_loss
         elif m == "length":
@@ -158,6 +166,15 @@ def markdown_table(summary: dict[str, dict[str, dict[str, Any]]], sets: Sequence
 
 def _extra_tables(results: dict[str, Any]) -> str:
     parts = []
+    if results.get("valid_answers"):
+        rows = ["| model | test set | distinct valid answers | of possible | valid % | prompts | samples |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for model, sets in results["valid_answers"].items():
+            for set_name, v in sets.items():
+                rows.append(f"| {model} | {set_name} | {v['distinct']:.2f} | {v['possible']:.2f} | {v['valid']:.1f} | "
+                            f"{int(v['prompts'])} | {v['samples']:g} |")
+        parts.append("Semantic diversity (prompts with several valid answers; per prompt over the sampling seeds):\n\n"
+                     + "\n".join(rows))
     if results.get("exposure_bias"):
         rows = ["| model | ExAccErr(l_max) % | R(l_max) | eps(l_max) | l_max |", "|---|---:|---:|---:|---:|"]
         for model, c in results["exposure_bias"].items():
@@ -233,7 +250,7 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
         "test_sets": {n: {"path": e.test[n], "format": ts.format, "examples": len(ts.examples), "has_references": ts.has_references,
                           "with_references": sum(1 for ex in ts.examples if ex.references)}  # the examples Rouge-L / EM score
                       for n, ts in test_sets.items()},
-        "skipped_long_prompt": {}, "per_seed": {}, "summary": {},
+        "skipped_long_prompt": {}, "per_seed": {}, "summary": {}, "valid_answers": {},
         "generation": {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
                        "no_repeat_ngram_size": g.no_repeat_ngram_size},
         "config": cfg.to_dict(),
@@ -273,6 +290,7 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
             if "lm_loss" in e.metrics and scored:
                 lm_loss, _ = response_loss(model, scored, tok.pad_token_id, vocab, e.batch_size)
             seeds_out: dict[str, dict[str, float | None]] = {}
+            texts_by_seed: list[list[str]] = []
             for seed in e.seeds:
                 bar.describe(f"eval {name} / {set_name} / seed {seed}")
                 ids = generate(
@@ -282,6 +300,7 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
                     engine=g.engine,
                 )
                 texts = [tok.decode(r, skip_special_tokens=True).strip() for r in ids]
+                texts_by_seed.append(texts)
                 refs = [ex.references for ex in examples]
                 metrics = seed_metrics(texts, [len(r) for r in ids], refs, lm_loss, e.metrics)
                 rows = [
@@ -300,6 +319,9 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
                 bar.step(f"eval {name} / {set_name} / seed {seed}")
             results["per_seed"][name][set_name] = seeds_out
             results["summary"][name][set_name] = aggregate(seeds_out)
+            answers = valid_answers([list(s) for s in zip(*texts_by_seed)], [ex.references for ex in examples])
+            if answers is not None:
+                results["valid_answers"].setdefault(name, {})[set_name] = answers
 
         if teacher is not None:
             bar.describe(f"eval {name}: exposure bias")

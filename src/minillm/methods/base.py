@@ -93,6 +93,7 @@ class Method:
     name = "base"
     needs_teacher = False
     dropout = True  # train-mode forward (dropout on); on-policy methods turn it off so ratios start at 1
+    max_steps = 0  # the run's optimizer steps, set by the trainer (schedules over training); 0 = train.max_steps
 
     def __init__(self, cfg: Config, models: Models, data: RunData) -> None:
         self.cfg, self.models, self.data = cfg, models, data

@@ -35,6 +35,7 @@ gradient carries the whole reverse KL.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillm.config import Config
+from minillm.config import Config, MiniLLMConfig
 from minillm.data import RunData
 from minillm.data.instruct import Encoded, EpochSampler, collate_prompts
 from minillm.decoding import packed_sequence_batch, row_seeds, sample
-from minillm.losses import clipped_pg, future_returns, whiten
+from minillm.losses import clipped_pg, future_returns, whiten, whiten_padded
 from minillm.methods.base import Batch, Experience, Method, Outputs, Term, chunks, register_method
 from minillm.models import Models
 
@@ -75,6 +76,18 @@ class _Row:
     logw: torch.Tensor
     advantage: torch.Tensor
     index: int = -1  # position in its rollout phase: the key of its cached teacher logits
+
+
+def scheduled_alpha(m: MiniLLMConfig, step: int, total: int) -> float:
+    """The teacher-mix strength of a rollout phase starting after ``step`` of ``total`` optimizer steps,
+    f = step / total: ``constant`` a; ``linear`` a + (a_end - a) f; ``cosine``
+    a_end + (a - a_end) (1 + cos(pi f)) / 2 (a = ``alpha``, a_end = ``alpha_end``)."""
+    f = min(1.0, max(0.0, step / total)) if total > 0 else 0.0
+    if m.alpha_schedule == "linear":
+        return m.alpha + (m.alpha_end - m.alpha) * f
+    if m.alpha_schedule == "cosine":
+        return m.alpha_end + (m.alpha - m.alpha_end) * 0.5 * (1 + math.cos(math.pi * f))
+    return m.alpha
 
 
 def collate_rollouts(rows: list[_Row], pad_id: int, phase: int | None = None) -> Batch:
@@ -162,15 +175,17 @@ class MiniLLM(Method):
         student_dtype = next(models.student.parameters()).dtype
         reduced = self.autocast is not None or student_dtype not in (torch.float32, torch.float64)
         self.reuse_q = not m.rescore and not reduced  # log q_old from the decode (exact up to float32 rounding)
-        self.reuse_p = not m.rescore and m.alpha > 0  # log p(y_t) and the KL statistic from the decode
+        # the teacher decodes alongside when some rollout phase mixes it in (minillm.alpha_schedule)
+        self.mixing = m.alpha > 0 or (m.alpha_schedule != "constant" and m.alpha_end > 0)
+        self.reuse_p = not m.rescore and self.mixing  # log p(y_t) and the KL statistic from the decode
         where, cache_bytes = self._cache_place()
         self.cache = TeacherCache(where)
         if where is None and models.dist.world > 1 and m.single_step:
             log.info("minillm: teacher logits are recomputed every PPO epoch under %d ranks: each rank trains on "
                      "rows other ranks decoded, so a per-rank cache would miss", models.dist.world)
-        self.keep_p = where is not None and m.alpha > 0 and not m.rescore  # the decode's teacher logits are the cache
+        self.keep_p = where is not None and self.mixing and not m.rescore  # the decode's teacher logits are the cache
         q_bytes = self._phase_logits_bytes(models.student, self.autocast)
-        self.keep_q = m.alpha == 0 and self.reuse_q and q_bytes + cache_bytes <= m.cache_gb * 1e9
+        self.keep_q = not self.mixing and self.reuse_q and q_bytes + cache_bytes <= m.cache_gb * 1e9
         log.info(
             "minillm: log q_old %s; log p %s; teacher logits for the single-step term %s",
             "from the decode" if self.reuse_q else "teacher-forced in score",
@@ -208,6 +223,10 @@ class MiniLLM(Method):
         return None, size
 
     # -- rollout -------------------------------------------------------------------------------
+    def alpha(self, step: int) -> float:
+        """``minillm.alpha_schedule`` at ``step`` over the run's length (the trainer sets ``max_steps``)."""
+        return scheduled_alpha(self.m, step, self.max_steps or self.cfg.train.max_steps)
+
     def next_prompts(self) -> list[Encoded]:
         """The next ``rollouts_per_step`` training examples (their prompts are sampled)."""
         return [self.data.train[i] for i in self.sampler.take(self.m.rollouts_per_step)]
@@ -218,9 +237,10 @@ class MiniLLM(Method):
         log w_t = log q(y_t) - log p~(y_t) comes from the sampling pass itself, so the importance
         weight is fixed at sampling time; with a = 0 and no temperature / top-k / top-p it is 1 up to
         rounding (p~ = q). p~ is the distribution actually sampled, after any filtering. The teacher
-        decodes alongside only when a > 0 (at a = 0 nothing it would compute there is used)."""
+        decodes alongside only when some phase mixes it in (a > 0, or a schedule away from 0; at a = 0
+        throughout nothing it would compute there is used)."""
         g, d, m = self.cfg.generation, self.cfg.data, self.m
-        teacher = self.models.teacher if m.alpha > 0 else None
+        teacher = self.models.teacher if self.mixing else None
         dist = self.models.dist
         lockstep = dist.lockstep and teacher is not None  # a sharded teacher's forward is a collective
         out = []
@@ -234,7 +254,7 @@ class MiniLLM(Method):
             r = sample(
                 self.models.student, prompts, row_seeds(self.cfg.seed, [x.index for x in batch], salt=step),
                 max_new_tokens=budget, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                vocab_size=self.models.vocab_size, teacher=teacher, alpha=m.alpha,
+                vocab_size=self.models.vocab_size, teacher=teacher, alpha=self.alpha(step),
                 temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, autocast=self.autocast, engine=g.engine,
                 keep_logits=(("student",) if self.keep_q else ()) + (("teacher",) if self.keep_p else ()),
                 all_done=dist.all_done if lockstep else None,
@@ -333,11 +353,12 @@ class MiniLLM(Method):
         n_tok = float(sum(len(r.response) for r in mine))
         stats = dist.mean_values(stats, {"reward": n_tok, "reverse_kl": n_tok, "seq_reverse_kl": len(mine),
                                          "response_len": len(samples)})
-        if self.m.whiten and rows:  # over the whole rollout batch, as one process would
+        if self.m.whiten == "rollout" and rows:  # over the whole rollout batch, as one process would
             flat = torch.cat([r.advantage for r in rows])
             white = whiten(flat[None], torch.ones_like(flat)[None])[0]
             for r, piece in zip(rows, torch.split(white, [len(r.response) for r in rows])):
                 r.advantage = piece
+        stats["alpha"] = self.alpha(step)
         t2 = time.perf_counter()
         once = {"rollout_time_s": dist.max_value(t1 - t0), "score_time_s": dist.max_value(t2 - t1),
                 "rollout_tokens": float(sum(len(r.response) for r in rows)),
@@ -347,13 +368,15 @@ class MiniLLM(Method):
     def plan(self, rows: list[_Row], step: int) -> list[list[Batch]]:
         """``ppo_epochs`` shuffled passes over the rows, in optimizer steps of ``sequences_per_step``;
         within a step the rows are sorted by length before they are cut into micro-batches (the
-        step's gradient is a sum over its rows, so only the padding changes)."""
+        step's gradient is a sum over its rows, so only the padding changes), except under
+        ``minillm.whiten: minibatch_padded``, whose statistic depends on which rows share a micro-batch."""
         t = self.cfg.train
         updates: list[list[Batch]] = []
         for epoch in range(self.m.ppo_epochs if rows else 0):
             order = np.random.default_rng([self.cfg.seed, step, epoch]).permutation(len(rows))
             for mini in chunks([rows[i] for i in order], t.sequences_per_step):
-                mini = sorted(mini, key=lambda r: len(r.prompt) + len(r.response))
+                if self.m.whiten != "minibatch_padded":  # the reference's micro-batches are the shuffled ones
+                    mini = sorted(mini, key=lambda r: len(r.prompt) + len(r.response))
                 updates.append([self.add_pretrain(collate_rollouts(mb, self.pad_id, step)) for mb in chunks(mini, t.batch_size)])
         return updates
 
@@ -374,7 +397,10 @@ class MiniLLM(Method):
         logq = got["logprob"]
         logq_old = batch["logq_old"].to(dev)
         w = torch.exp(batch["logw"].to(dev)) * mask
-        pg, clipped = clipped_pg(logq, logq_old, w, batch["advantage"].to(dev), m.clip)
+        adv = batch["advantage"].to(dev)
+        if m.whiten == "minibatch_padded":  # the reference code: per mini-batch, padding positions counted
+            adv = whiten_padded(adv)
+        pg, clipped = clipped_pg(logq, logq_old, w, adv, m.clip)
         terms = {
             "pg": Term(pg, "response_mask"),
             "clip_frac": Term(clipped, "response_mask", 0.0),
