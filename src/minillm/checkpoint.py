@@ -20,6 +20,7 @@ Only the newest ``keep_last`` are kept.
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -160,6 +161,7 @@ def load_distributed(model: Any, opt: Any | None, folder: Path) -> None:
     """Load a :func:`save_distributed` checkpoint into ``model`` (and ``opt``), whatever the number of
     ranks it was written on and whether ``model`` is sharded."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_state_dict,
@@ -167,16 +169,36 @@ def load_distributed(model: Any, opt: Any | None, folder: Path) -> None:
         set_state_dict,
     )
 
+    from minillm.dcp_safe import SafePlanner, SafeReader, read_metadata_file, unsafe_cause
+
     opts = _state_dict_options()
+    # never PyTorch's default reader: it unpickles the metadata and non-tensor items without limits
+    safe = {"storage_reader": SafeReader(str(folder)), "planner": SafePlanner()}
+
+    def refuse(e: BaseException) -> UserError:
+        return UserError(f"{folder}: refused to load ({e}); a checkpoint must hold only tensors and plain values. "
+                         "Delete this checkpoint folder if you do not trust where it came from")
+
+    try:
+        read_metadata_file(folder / ".metadata")  # checked here first: DCP would swallow the refusal and retry
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no .metadata file; this distributed checkpoint is incomplete") from None
+    except pickle.UnpicklingError as e:
+        raise refuse(e) from None
     try:
         if opt is None:
             msd = get_model_state_dict(model, options=opts)
-            dcp.load({"model": msd}, checkpoint_id=str(folder))
+            dcp.load({"model": msd}, checkpoint_id=str(folder), **safe)
             set_model_state_dict(model, msd, options=opts)
             return
         msd, osd = get_state_dict(model, opt, options=opts)
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder), **safe)
         set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd, options=opts)
+    except CheckpointException as e:
+        cause = unsafe_cause(e)
+        if cause is None:
+            raise
+        raise refuse(cause) from None
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise UserError(f"{folder}: does not fit this run's student ({first}); student.* must match the run that wrote it") from None

@@ -201,3 +201,71 @@ def test_legacy_plain_checkpoint_still_resumes(tiny_task: dict[str, Path], tmp_p
     a, b = load_file(str(ref / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture
+def group_of_one(tmp_path: Path) -> Any:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    tdist.destroy_process_group()
+
+
+def _dcp_pair(tmp_path: Path) -> tuple[Any, Any, Path]:
+    """A small model + optimizer after one step, saved as a distributed checkpoint."""
+    from minillm.checkpoint import save_distributed
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    folder = tmp_path / "dcp"
+    save_distributed(model, opt, folder)
+    return model, opt, folder
+
+
+def test_distributed_checkpoint_loads_through_the_safe_reader(group_of_one: Any, tmp_path: Path) -> None:
+    from minillm.checkpoint import load_distributed
+
+    model, opt, folder = _dcp_pair(tmp_path)
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    load_distributed(fresh, fresh_opt, folder)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert fresh_opt.param_groups[0]["lr"] == 0.1  # a non-tensor item, read through weights_only=True
+
+
+def test_crafted_distributed_metadata_never_runs(group_of_one: Any, tmp_path: Path) -> None:
+    """torch's own reader unpickles dcp/.metadata as it is: ours refuses any class outside the
+    metadata's own, so a payload there is never built."""
+    import pickle
+
+    from minillm.checkpoint import load_distributed
+
+    model, opt, folder = _dcp_pair(tmp_path)
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UserError, match=r"refused to load \(refused io\.open"):
+        load_distributed(model, opt, folder)
+    assert not marker.exists()
+
+
+def test_crafted_distributed_item_never_runs(group_of_one: Any, tmp_path: Path) -> None:
+    """A non-tensor item (here the optimizer's learning rate) holding a payload: PyTorch's default
+    planner reads such items with weights_only=False; ours refuses it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from minillm.checkpoint import _state_dict_options, load_distributed
+
+    model, opt, folder = _dcp_pair(tmp_path)
+    marker = tmp_path / "pwned"
+    msd, osd = get_state_dict(model, opt, options=_state_dict_options())
+    osd["param_groups"][0]["lr"] = _Payload(marker)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    assert not marker.exists()
+    with pytest.raises(UserError, match="refused to load"):
+        load_distributed(model, opt, folder)
+    assert not marker.exists()
