@@ -75,7 +75,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         scaler = loss_scaler(method, model)
         ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last, dist)
         state = TrainState()
-        if cfg.train.resume and (latest := dist.on_main(ckpt.latest)) is not None:
+        if cfg.train.resume and (latest := dist.on_main(ckpt.latest_intact)) is not None:
             state = restore(ckpt, latest, model, opt, sched, method, scaler)
             log.info("resumed from %s (step %d)", latest, state.step)
         metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step) if dist.main else None
