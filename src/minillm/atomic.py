@@ -55,7 +55,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename."""
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename. A disk
+    fault (full, read-only) leaves the old file and raises one :class:`UserError` line."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
@@ -70,8 +71,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if (err := disk_error(e, path)) is not None:
+            raise err from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -92,6 +95,7 @@ def fsync_tree(folder: Path) -> None:
 
 def replace_folder_atomic(out: str | Path, write: Callable[[Path], None]) -> Path:
     """Fill folder ``out`` through ``write(tmp)`` on a temp folder beside it, fsync, then swap it in.
+    A disk fault while writing removes the temp folder and raises one :class:`UserError` line.
 
     A reader sees the old folder or the new one; a crash between the two renames leaves the old one
     as ``OUT.old``, which the next call puts back before anything else."""
@@ -104,8 +108,10 @@ def replace_folder_atomic(out: str | Path, write: Callable[[Path], None]) -> Pat
     try:
         write(tmp)
         fsync_tree(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if (err := disk_error(e, tmp)) is not None:
+            raise err from None
         raise
     if out.exists():
         if old.exists():
@@ -134,9 +140,8 @@ def disk_error(e: BaseException, path: Path | str, after: str = "") -> UserError
         return UserError(f"no space left on device while writing {path}{tail}; free some space and rerun the same "
                          "command to resume")
     if isinstance(e, OSError) and e.errno in NOT_WRITABLE:
-        where = e.filename or path
         reason = {errno.EROFS: "the filesystem is read-only", errno.ENOTDIR: "a part of the path is a file, not a folder",
                   errno.EEXIST: "a file is in the way of a folder", errno.EISDIR: "a folder is in the way of a file",
                   }.get(e.errno, "permission denied")
-        return UserError(f"cannot write {where} ({reason}){tail}; give an output_dir you can write to")
+        return UserError(f"cannot write {path} ({reason}){tail}; give an output_dir you can write to")
     return None

@@ -51,7 +51,7 @@ def test_write_text_atomic_leaves_old_or_new(tmp_path: Path, monkeypatch: pytest
     p = tmp_path / "f.json"
     write_text_atomic(p, "old")
     monkeypatch.setenv(FAULT_ENV, "enospc:f.json")
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"no space left on device while writing {p}"):
         write_text_atomic(p, "new")
     assert p.read_text() == "old" and sorted(x.name for x in tmp_path.iterdir()) == ["f.json"]  # no temp left
 
@@ -68,7 +68,7 @@ def test_replace_folder_atomic_recovers_a_crash_between_renames(tmp_path: Path) 
         t.mkdir()
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="no space left on device while writing .*best.tmp"):
         replace_folder_atomic(out, fail)
     assert (out / "w").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
