@@ -149,3 +149,12 @@ def test_manifest_covers_nested_folders(tmp_path: Path) -> None:
     assert set(json.loads((tmp_path / MANIFEST).read_text())["files"]) == {"dcp/__0_0.distcp", "dcp/.metadata"}
     _flip(tmp_path / "dcp" / "__0_0.distcp", 50)
     assert check_checkpoint(tmp_path) == "dcp/__0_0.distcp does not match its checksum (changed or corrupted)"
+
+
+def test_export_skips_a_damaged_latest(finished: Path, tmp_path: Path) -> None:
+    from minillm.export import find_checkpoint
+
+    out = _copy(finished, tmp_path)
+    _flip(out / "checkpoints" / "step_00000004" / "model" / "model.safetensors", -10)
+    assert find_checkpoint(out).name == "step_00000002"
+    assert (out / "checkpoints" / "step_00000004").is_dir()  # export only reads: nothing set aside
