@@ -122,3 +122,19 @@ def test_read_only_output_folder_is_one_line(tiny_task: dict[str, Path], tmp_pat
             train(config_from_dict(_dict(tiny_task, out, steps=3)))
     finally:
         out.chmod(0o755)
+
+
+def test_unwritable_output_folder_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a read-only folder gives a non-root user (EACCES on the first temp file), made here
+    without chmod, which root ignores."""
+    import minillm.atomic as atomic
+    from minillm.trainer import prepare_output_dir
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(atomic, "open", denied, raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        prepare_output_dir(config_from_dict({"output_dir": str(out)}))
+    assert str(e.value) == f"cannot write {out / 'config.yaml'} (permission denied); give an output_dir you can write to"
