@@ -43,8 +43,8 @@ def _resolve(value: Any) -> Any:
     return str(p.resolve()) if p.exists() else value
 
 
-def comparable_config(cfg: Config) -> dict[str, Any]:
-    """The config keys that change results, with local paths resolved (see the module doc)."""
+def _neutral(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as a dict with the keys a resume may change set to fixed values."""
     c = copy.deepcopy(cfg)
     c.train.max_steps = c.train.eval_every = c.train.save_every = c.train.keep_last = 0
     c.train.progress = c.train.resume = True
@@ -55,7 +55,13 @@ def comparable_config(cfg: Config) -> dict[str, Any]:
     c.train.parallel, c.train.teacher_sharding, c.train.activation_checkpointing, c.train.dist_timeout_s = "ddp", "auto", False, 1.0
     c.train.report_to, c.train.log_every, c.train.wandb_project, c.train.wandb_mode = [], 0, "", ""  # tracking only
     d = c.to_dict()
-    d["data"].pop("fingerprint", None)  # how data files are stamped, not what they hold
+    d["data"].pop("fingerprint", None)  # how data files are stamped, not what they hold (and new in 0.3)
+    return d
+
+
+def comparable_config(cfg: Config) -> dict[str, Any]:
+    """The config keys that change results, with local paths resolved (see the module doc)."""
+    d = _neutral(cfg)
     for section in ("student", "teacher"):
         for k in _PATH_KEYS:
             d[section][k] = _resolve(d[section][k])
@@ -106,16 +112,7 @@ def run_fingerprint(cfg: Config) -> dict[str, Any]:
 
 def legacy_hash(cfg: Config) -> str:
     """The ``config.hash`` of a run folder written before the fingerprint (paths as spelled)."""
-    c = copy.deepcopy(cfg)
-    c.train.max_steps = c.train.eval_every = c.train.save_every = c.train.keep_last = 0
-    c.train.progress = c.train.resume = True
-    c.train.epochs = None
-    c.output_dir = ""
-    c.train.parallel, c.train.teacher_sharding, c.train.activation_checkpointing, c.train.dist_timeout_s = "ddp", "auto", False, 1.0
-    c.train.report_to, c.train.log_every, c.train.wandb_project, c.train.wandb_mode = [], 0, "", ""
-    d = c.to_dict()
-    d["data"].pop("fingerprint", None)  # a key those runs did not have
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_neutral(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
