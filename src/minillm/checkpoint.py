@@ -115,7 +115,11 @@ class Checkpointer:
             problem = check_checkpoint(path)
             if problem is None:
                 for bad, _ in damaged if set_aside else []:
-                    bad.rename(bad.with_name(DAMAGED_PREFIX + bad.name))
+                    aside = bad.with_name(DAMAGED_PREFIX + bad.name)
+                    if aside.exists():
+                        shutil.rmtree(aside)
+                    bad.rename(aside)
+                    log.warning("set %s aside as %s (kept for inspection; delete it when done)", bad.name, aside)
                 return path
             log.warning("checkpoint %s is damaged (%s); skipping it for the next older one", path, problem)
             damaged.append((path, problem))
