@@ -80,6 +80,13 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files a killed :func:`write_bytes_atomic` left in ``folder`` (one run per folder)."""
+    for stale in folder.glob(".*.tmp.*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_bytes_atomic`)."""
     return write_bytes_atomic(path, text.encode("utf-8"))

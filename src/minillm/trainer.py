@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillm.atomic import disk_error, write_text_atomic
+from minillm.atomic import disk_error, remove_stale_temps, write_text_atomic
 from minillm.checkpoint import Checkpointer
 from minillm.config import Config, save_config
 from minillm.data import load_run_data
@@ -294,6 +294,7 @@ def prepare_output_dir(cfg: Config) -> Path:
     now = run_fingerprint(cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # left by a kill mid-write
         if cfg.train.resume and (out / "checkpoints").is_dir():
             check_resume(out, cfg, now)
         if not cfg.train.resume:

@@ -88,13 +88,16 @@ def test_kill_while_config_hash_is_written_does_not_brick_the_run(tiny_task: dic
     assert r.returncode == -9, r.stderr
     assert (out / "config.hash").read_text() == hash_before  # the old file, whole
 
+    assert list(out.glob(".config.hash.tmp.*"))  # the half-written temp the kill left
+
     r = _cli(path, fault="kill:metrics.jsonl")
     assert r.returncode == -9, r.stderr
     assert (out / "metrics.jsonl").read_text() == rows_before  # the rewrite never half-happened
+    assert not list(out.glob(".config.hash.tmp.*"))  # cleared at start-up
 
     r = _cli(path)
     assert r.returncode == 0, r.stderr
-    assert _steps(out) == [1, 2, 3, 4]
+    assert _steps(out) == [1, 2, 3, 4] and not list(out.glob(".*.tmp.*"))
 
 
 def test_empty_config_hash_is_rewritten_not_refused(tiny_task: dict[str, Path], tmp_path: Path) -> None:
