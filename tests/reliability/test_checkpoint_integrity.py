@@ -158,3 +158,27 @@ def test_export_skips_a_damaged_latest(finished: Path, tmp_path: Path) -> None:
     _flip(out / "checkpoints" / "step_00000004" / "model" / "model.safetensors", -10)
     assert find_checkpoint(out).name == "step_00000002"
     assert (out / "checkpoints" / "step_00000004").is_dir()  # export only reads: nothing set aside
+
+
+def test_damaged_latest_through_the_command_line(finished: Path, tiny_task: dict[str, Path], tmp_path: Path) -> None:
+    """Defect 3 as a user meets it: a plain ``minillm train CONFIG`` over a run folder whose latest
+    checkpoint has an emptied trainer state warns, resumes from the older one and finishes (exit 0)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    out = _copy(finished, tmp_path)
+    (out / "checkpoints" / "step_00000004" / "trainer_state.json").write_text("")
+    shutil.rmtree(out / "final")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_task, out, "sft", train={"max_steps": 4, "save_every": 2,
+                                                                                  "eval_every": 100})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    r = subprocess.run([sys.executable, "-m", "minillm", "train", str(path)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    said = " ".join((r.stdout + r.stderr).split())  # rich wraps long log lines
+    assert r.returncode == 0, r.stderr
+    assert "step_00000004 is damaged (trainer_state.json is 0 bytes" in said and "step 2)" in said
+    assert (out / "final").is_dir()
