@@ -115,6 +115,12 @@ def test_the_runs_did_what_they_claim(runs: dict[str, Any]) -> None:
     ckpt = runs["two"] / "fsdp" / "checkpoints" / "step_00000006"
     assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert (ckpt / "model" / "config.json").is_file() and not list((ckpt / "model").glob("*.safetensors"))
+    # its manifest lists every rank's shard and the metadata, and they check out
+    from minillm.checkpoint import MANIFEST, check_checkpoint
+
+    listed = set(json.loads((ckpt / MANIFEST).read_text())["files"])
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata", "trainer_state.json"} <= listed
+    assert check_checkpoint(ckpt) is None
 
 
 @pytest.mark.parametrize("src", ["minillm", "fsdp"])

@@ -15,11 +15,22 @@ two forms:
   ``minillm export`` turns it into a Hugging Face folder. Under several nodes ``output_dir`` must
   be on a filesystem every node sees.
 
-Only the newest ``keep_last`` are kept.
+Each checkpoint folder ends with ``manifest.json`` (written last, atomically): the size and SHA-256
+of every file in it, ``dcp/`` shards included. At resume :meth:`Checkpointer.latest_intact` checks
+the newest checkpoint against its manifest; one that fails (a file missing or cut short, a flipped
+byte, an unreadable manifest) is set aside as ``damaged_step_*`` with a warning naming it and what
+failed, and the next older one is used. A checkpoint from before manifests is checked for
+readability only (its state parses, its safetensors headers cover their files).
+
+Only the newest ``keep_last`` are kept, pruned after the new one is written and checked: pruning
+never removes the checkpoint just written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import pickle
 import random
 import shutil
@@ -29,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minillm.atomic import disk_error, fault_point, fsync_tree, write_text_atomic
 from minillm.distributed import Dist
 from minillm.errors import UserError
 from minillm.lora import is_lora, load_adapter_weights
@@ -38,6 +50,11 @@ from minillm.statefile import load_state, save_state, state_files
 STATE = "trainer_state"  # trainer_state.json + trainer_state.safetensors
 LEGACY_STATE_FILE = "trainer_state.pt"  # checkpoints written before 0.2 (a pickle: read with weights_only=True)
 DCP_DIR = "dcp"  # a distributed checkpoint of the model and the optimizer
+MANIFEST = "manifest.json"  # size and SHA-256 of every other file in the checkpoint folder
+MANIFEST_FORMAT = "minillm-manifest-1"
+DAMAGED_PREFIX = "damaged_"  # a checkpoint that failed its check, set aside (kept for inspection)
+
+log = logging.getLogger("minillm")
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,38 +99,83 @@ class Checkpointer:
     def all(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step_*") if _has_state(p))
+        return sorted(p for p in self.root.glob("step_*") if _has_state(p) or (p / MANIFEST).is_file())
 
     def latest(self) -> Path | None:
         ckpts = self.all()
         return ckpts[-1] if ckpts else None
 
+    def latest_intact(self, set_aside: bool = True) -> Path | None:
+        """The newest checkpoint that passes :func:`check_checkpoint`. Newer ones that fail are
+        skipped with a warning (and with ``set_aside`` renamed ``damaged_step_*``, so that later
+        resumes and pruning pass them by). None when there is no checkpoint; a :class:`UserError`
+        when there are some and none is intact."""
+        damaged: list[tuple[Path, str]] = []
+        for path in reversed(self.all()):
+            problem = check_checkpoint(path)
+            if problem is None:
+                for bad, _ in damaged if set_aside else []:
+                    aside = bad.with_name(DAMAGED_PREFIX + bad.name)
+                    if aside.exists():
+                        shutil.rmtree(aside)
+                    bad.rename(aside)
+                    log.warning("set %s aside as %s (kept for inspection; delete it when done)", bad.name, aside)
+                return path
+            log.warning("checkpoint %s is damaged (%s); skipping it for the next older one", path, problem)
+            damaged.append((path, problem))
+        if not damaged:
+            return None
+        listed = "; ".join(f"{p.name}: {why}" for p, why in damaged[:3])
+        raise UserError(f"{self.root}: no intact checkpoint to resume from ({listed}); restore the folder from a copy, or "
+                        "pass train.resume=false to start over (it deletes them)")
+
     def save(self, step: int, model: Any, opt: Any, tokenizer: Any, state: dict[str, Any]) -> Path:
-        """Write checkpoint ``step`` atomically and prune old ones."""
+        """Write checkpoint ``step`` atomically (manifest last), check it, then prune old ones.
+
+        A full disk or an unwritable folder: the temp folder is removed and one :class:`UserError`
+        line names the path and the last complete checkpoint."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp_step_{step:08d}"
         main, sharded_form = self.dist.main, self.dist.world > 1 or is_sharded(model)
-        if main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / "model").mkdir(parents=True)
-        self.dist.barrier()
-        if sharded_form:
-            save_distributed(model, opt, tmp / DCP_DIR)
+        try:
             if main:
-                model.config.save_pretrained(tmp / "model")
-        elif main:
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            state = {**state, "optimizer": opt.state_dict()}
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                (tmp / "model").mkdir(parents=True)
+                fault_point("checkpoint", tmp / "model")
+            self.dist.barrier()
+            if sharded_form:
+                save_distributed(model, opt, tmp / DCP_DIR)
+                if main:
+                    model.config.save_pretrained(tmp / "model")
+            elif main:
+                model.save_pretrained(tmp / "model", safe_serialization=True)
+                state = {**state, "optimizer": opt.state_dict()}
+            if main:
+                tokenizer.save_pretrained(tmp / "model")
+                save_state({**state, "rng": rng_state(), "step": step}, tmp, STATE)
+                fsync_tree(tmp)
+                write_manifest(tmp)  # last: a folder with a manifest is complete
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+        except Exception as e:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            err = disk_error(e, tmp, f"the last complete checkpoint is {last if last is not None else 'none (none was written yet)'}")
+            if err is None:
+                raise
+            raise err from None
         if main:
-            tokenizer.save_pretrained(tmp / "model")
-            save_state({**state, "rng": rng_state(), "step": step}, tmp, STATE)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in self.all()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            problem = check_checkpoint(final, checksums=False)  # sizes against the manifest: cheap
+            if problem is None:
+                older = [p for p in self.all() if p != final]
+                for old in older[: max(0, len(older) - (self.keep_last - 1))]:
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                log.warning("checkpoint %s failed its check right after writing (%s); older checkpoints are kept", final, problem)
         self.dist.barrier()
         return final
 
@@ -202,6 +264,68 @@ def load_distributed(model: Any, opt: Any | None, folder: Path) -> None:
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise UserError(f"{folder}: does not fit this run's student ({first}); student.* must match the run that wrote it") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()  # measured the fastest of hashlib's here: benchmarks/bench_checkpoint.py
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> Path:
+    """``folder/manifest.json``: size and SHA-256 of every file under ``folder`` (written atomically)."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    return write_text_atomic(folder / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
+
+
+def check_checkpoint(folder: Path, checksums: bool = True) -> str | None:
+    """What is wrong with checkpoint ``folder`` (one phrase naming the file), or None when it is
+    intact. With a manifest: every file listed is there, of its size (and ``checksums``: its
+    SHA-256). Without one (a checkpoint from before manifests): its trainer state reads and its
+    safetensors files are whole."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return _check_unlisted(folder)
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+        files = doc["files"] if isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT else None
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values()):
+            return f"{MANIFEST} is not a minillm manifest"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return f"{MANIFEST} is unreadable"
+    for rel, want in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        size = p.stat().st_size
+        if size != want["size"]:
+            return f"{rel} is {size} bytes, the manifest says {want['size']}"
+        if checksums and _sha256(p) != want["sha256"]:
+            return f"{rel} does not match its checksum (changed or corrupted)"
+    return None
+
+
+def _check_unlisted(folder: Path) -> str | None:
+    from safetensors import SafetensorError, safe_open
+
+    log.info("checkpoint %s has no %s (written before manifests): checking that it reads", folder, MANIFEST)
+    try:
+        read_state(folder)
+    except UserError as e:
+        return str(e).split(";")[0]
+    for f in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{f.relative_to(folder)}: {str(e)[:120]}"
+    return None
 
 
 def _has_state(folder: Path) -> bool:

@@ -245,6 +245,15 @@ def main(argv: list[str] | None = None) -> None:
         if _is_main_rank():  # every rank of a torchrun launch refuses the same input: say it once
             click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:  # a full disk or an unwritable folder met outside the writers that say so themselves
+        from minillm.atomic import disk_error
+
+        err = disk_error(e, e.filename or "a file")
+        if err is None:
+            raise
+        if _is_main_rank():
+            click.echo(f"error: {err}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; finished checkpoints are kept, rerun the same command to resume", err=True)
         sys.exit(130)

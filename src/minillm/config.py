@@ -119,6 +119,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # our field -> dataset column
     max_examples: int | None = None  # cap on training examples (after filtering)
     pretrain_text_key: str = "text"  # field holding the text in a .jsonl pre-training corpus
+    fingerprint: str = "stat"  # how a resume checks the data files are unchanged: stat (size + modification time) or hash (SHA-256 of the contents: reads them once per start)
 
     def __post_init__(self) -> None:
         _check(self.template in TEMPLATES, "data.template", f"must be one of {TEMPLATES}, got {self.template!r}")
@@ -129,6 +130,7 @@ class DataConfig:
             "data.max_len",
             f"must exceed data.max_prompt_len ({self.max_prompt_len}) to leave room for a response",
         )
+        _check(self.fingerprint in ("stat", "hash"), "data.fingerprint", f"must be stat or hash, got {self.fingerprint!r}")
         _check(self.valid_size >= 1, "data.valid_size", "must be >= 1 (or point data.valid at a file)")
         _check(self.max_examples is None or self.max_examples >= 1, "data.max_examples", "must be >= 1 or null (all)")
         allowed = {"prompt", "response", "instruction", "context", "messages", "references"}
@@ -625,7 +627,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every key, defaults included) as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from minillm.atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_hash(cfg: Config) -> str:

@@ -25,13 +25,17 @@ log = logging.getLogger("minillm")
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    """The checkpoint folder to export: ``run_dir`` itself when it is one, else the newest (or
-    step ``step``) under ``run_dir/checkpoints``."""
+    """The checkpoint folder to export: ``run_dir`` itself when it is one, else the newest intact
+    one (or step ``step``) under ``run_dir/checkpoints``."""
     if (run_dir / "trainer_state.json").is_file() or (run_dir / "trainer_state.pt").is_file():
         return run_dir
-    ckpts = Checkpointer(run_dir / "checkpoints", 1).all()
+    ckpter = Checkpointer(run_dir / "checkpoints", 1)
+    ckpts = ckpter.all()
     if step is not None:
         ckpts = [c for c in ckpts if c.name == f"step_{step:08d}"]
+    elif ckpts:  # the newest one that passes its manifest check (a damaged one is skipped, with a warning)
+        latest = ckpter.latest_intact(set_aside=False)
+        ckpts = [latest] if latest is not None else []
     if not ckpts:
         which = f"checkpoint of step {step}" if step is not None else "checkpoint"
         raise UserError(f"{run_dir}: no {which} here (expected RUN_DIR/checkpoints/step_N/ from `minillm train`)")

@@ -257,19 +257,7 @@ def save_student(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, to
 
 def write_folder(out: Path, write: Callable[[Path], None]) -> None:
     """Fill folder ``out`` through ``write(tmp)`` on a temp folder, then swap it in: a reader sees
-    the old folder or the new one, never half of one."""
-    import shutil
+    the old folder or the new one, never half of one (:func:`minillm.atomic.replace_folder_atomic`)."""
+    from minillm.atomic import replace_folder_atomic
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_folder_atomic(out, write)

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from minillm.atomic import disk_error, remove_stale_temps, write_text_atomic
 from minillm.checkpoint import Checkpointer
-from minillm.config import Config, config_hash, save_config
+from minillm.config import Config, save_config
 from minillm.data import load_run_data
 from minillm.distributed import Dist, init_distributed
 from minillm.errors import UserError
+from minillm.fingerprint import check_resume, run_fingerprint, write_fingerprint
 from minillm.methods import Experience, Method, get_method
 from minillm.methods.base import Batch
 from minillm.parallel import (
@@ -73,7 +75,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         scaler = loss_scaler(method, model)
         ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last, dist)
         state = TrainState()
-        if cfg.train.resume and (latest := dist.on_main(ckpt.latest)) is not None:
+        if cfg.train.resume and (latest := dist.on_main(ckpt.latest_intact)) is not None:
             state = restore(ckpt, latest, model, opt, sched, method, scaler)
             log.info("resumed from %s (step %d)", latest, state.step)
         metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step) if dist.main else None
@@ -127,7 +129,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         if dist.main:
             summary = {"method": cfg.method, "steps": state.step, "best_step": state.best_step, "best": state.best,
                        "select_by": cfg.train.select_by, "world_size": dist.world, "parallel": cfg.train.parallel}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         dist.barrier()
         return out
     finally:
@@ -286,42 +288,29 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output_dir(cfg: Config) -> Path:
-    """Create ``output_dir``; refuse to resume a run whose config changed (other than run length)."""
+    """Create ``output_dir``; refuse to resume a run whose config or data changed (other than run
+    length: :mod:`minillm.fingerprint`). Every file written here is written atomically."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = out / "config.hash"
-    comparable = _comparable_hash(cfg)
-    if cfg.train.resume and fingerprint.exists() and (out / "checkpoints").is_dir():
-        old = fingerprint.read_text().strip()
-        if old != comparable:
-            raise UserError(
-                f"{out}: holds checkpoints of a run with a different config; pick another output_dir, "
-                "or pass train.resume=false to start over there"
-            )
-    if not cfg.train.resume:
-        for sub in ("checkpoints", "best", "final"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    save_config(cfg, out / "config.yaml")
-    fingerprint.write_text(comparable)
+    now = run_fingerprint(cfg)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # left by a kill mid-write
+        if cfg.train.resume and (out / "checkpoints").is_dir():
+            check_resume(out, cfg, now)
+        if not cfg.train.resume:
+            for sub in ("checkpoints", "best", "final"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
+        write_fingerprint(out, now)
+    except OSError as e:
+        raise disk_error(e, out) or e from None
     return out
 
 
 def _comparable_hash(cfg: Config) -> str:
-    """Config digest ignoring keys that may change between a run and its resumption (run length,
-    logging, and the layout over ranks)."""
-    import copy
-
-    c = copy.deepcopy(cfg)
-    c.train.max_steps = c.train.eval_every = c.train.save_every = c.train.keep_last = 0
-    c.train.progress = c.train.resume = True
-    c.train.epochs = None
-    # where the work runs is not what it computes: a run may resume on other ranks, another layout,
-    # or from a run folder copied or mounted elsewhere
-    c.output_dir = ""
-    c.train.parallel, c.train.teacher_sharding, c.train.activation_checkpointing, c.train.dist_timeout_s = "ddp", "auto", False, 1.0
-    c.train.report_to, c.train.log_every, c.train.wandb_project, c.train.wandb_mode = [], 0, "", ""  # tracking only
-    return config_hash(c)
+    """The digest of what a resumed run must share with its checkpoints (``config.hash``)."""
+    return run_fingerprint(cfg)["hash"]
 
 
 class MetricsLog:
@@ -331,7 +320,7 @@ class MetricsLog:
         self.path = path
         if path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln.strip() and _row_step(ln) <= keep_until]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            write_text_atomic(path, "".join(ln + "\n" for ln in keep))  # a kill mid-rewrite loses no row
 
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row``; a non-finite number (the grad norm of a step loss scaling skipped) is

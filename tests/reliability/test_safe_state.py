@@ -130,7 +130,8 @@ def test_checkpoint_holds_no_pickle_and_resumes_mid_experience(tiny_task: dict[s
     as tensors + JSON, and restores it as the same Experience."""
     out = train(_run_cfg(tiny_task, tmp_path / "run"))
     ckpt = Checkpointer(out / "checkpoints", 2).latest()
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model", "trainer_state.json", "trainer_state.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "model", "trainer_state.json",
+                                                    "trainer_state.safetensors"]
     state = read_state(ckpt)
     assert state["exp"] is not None and state["next_update"] == 2  # 8 rollouts / 4 per step x 2 epochs = 4 updates
     mb = state["exp"]["updates"][0][0]
@@ -154,6 +155,7 @@ def test_crafted_legacy_checkpoint_is_refused_in_one_line(tiny_task: dict[str, P
     ckpt = Checkpointer(out / "checkpoints", 2).latest()
     for f in state_files(ckpt, "trainer_state"):
         f.unlink()
+    (ckpt / "manifest.json").unlink()  # the pre-0.2 layout had no manifest
     marker = tmp_path / "pwned"
     _craft(ckpt / "trainer_state.pt", marker)
     with pytest.raises(UserError, match=r"trainer_state\.pt: refused to load") as e:
@@ -171,6 +173,7 @@ def test_crafted_checkpoint_through_the_command_line(tiny_task: dict[str, Path],
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", 2).latest()
     for f in state_files(ckpt, "trainer_state"):
         f.unlink()
+    (ckpt / "manifest.json").unlink()  # the pre-0.2 layout had no manifest
     marker = tmp_path / "pwned"
     _craft(ckpt / "trainer_state.pt", marker)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -194,6 +197,7 @@ def test_legacy_plain_checkpoint_still_resumes(tiny_task: dict[str, Path], tmp_p
     torch.save(state, ckpt / "trainer_state.pt")
     for f in state_files(ckpt, "trainer_state"):
         f.unlink()
+    (ckpt / "manifest.json").unlink()  # the pre-0.2 layout had no manifest
     shutil.rmtree(out / "final")
     train(_run_cfg(tiny_task, out, steps=4))
     from safetensors.torch import load_file

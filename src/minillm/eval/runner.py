@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from minillm.atomic import write_text_atomic
 from minillm.config import Config, ModelConfig
 from minillm.data.formats import Example
 from minillm.data.instruct import Encoded, encode_examples
@@ -340,7 +341,7 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
     table = markdown_table(results["summary"], list(test_sets), shown)
     extra = _extra_tables(results)
     text = table + (f"\n\n{extra}" if extra else "")
-    (out / "results.json").write_text(json.dumps(_json_clean(results), indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(out / "results.json", json.dumps(_json_clean(results), indent=2, ensure_ascii=False))
     _write_csv(out / "results.csv", results["summary"], list(test_sets), shown)
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
     log.info("eval: wrote %s", out / "results.json")
