@@ -78,6 +78,7 @@ class Checkpointer:
 
     def __init__(self, root: Path, keep_last: int, dist: Dist | None = None) -> None:
         self.root, self.keep_last, self.dist = Path(root), keep_last, dist or Dist()
+        self.protect: int | None = None  # a step whose checkpoint pruning keeps (the newest healthy one: minillm.health)
 
     def all(self) -> list[Path]:
         if not self.root.is_dir():
@@ -113,7 +114,8 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.rename(final)
             for old in self.all()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if self.protect is None or old.name != f"step_{self.protect:08d}":
+                    shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return final
 
