@@ -6,12 +6,13 @@ the paper's failure signatures are warned about.
   skips an overflowing one) and its metrics row says ``skipped: true``. After
   ``train.max_bad_steps`` bad steps in a row the run stops with one line naming the quantity, the
   steps and what to try (exit status 2).
-* No checkpoint is written after a bad step, and the newest *healthy* checkpoint (saved with no bad
-  step and no loss jump since the one before) is never pruned by ``train.keep_last``: a run that
-  diverges keeps a good state to go back to.
+* No checkpoint is written after a bad step (its weights are the ones that failed). A checkpoint
+  of step k becomes *healthy* when step k + 1, the first step computed from its weights, passes the
+  check (finite, and no loss jump); the newest healthy checkpoint is never pruned by
+  ``train.keep_last``: a run that diverges keeps a good state to go back to.
 * Warnings, each logged once and flagged in every metrics row where it holds (``warn_*: true``):
-  ``loss_jump`` (``|loss| > train.loss_jump`` times the running median of ``|loss|``, floored at
-  1), ``length_collapse`` (mean rollout response length below ``train.length_collapse`` of the
+  ``loss_jump`` (``|loss| > train.loss_jump`` times the running median of ``|loss|``: the lowest
+  that median has been in the run, floored at 1, so a loss that climbs step by step is caught too), ``length_collapse`` (mean rollout response length below ``train.length_collapse`` of the
   first rollouts', or at least half the responses empty) and ``reward_hacking`` (rollout distinct-2
   below ``train.distinct_collapse`` of the first rollouts' while the teacher's mean log-prob of the
   responses is higher than at first: repetitive text the teacher likes).
@@ -63,11 +64,12 @@ class Health:
         self.bad_run: list[tuple[int, str, float]] = []  # the current streak: (step, quantity, value)
         self.bad_total = 0
         self.losses: list[float] = []  # |loss| of the last WINDOW healthy steps
+        self.low_median: float | None = None  # the lowest running median of |loss| so far
         self.base_len: float | None = None
         self.base_distinct: float | None = None
         self.base_logp: float | None = None
         self.warned: list[str] = []
-        self.clean_since_save = True  # no bad step, no loss jump since the last checkpoint
+        self.pending: int | None = None  # the newest checkpoint's step, until the step after it is judged
         self.last_healthy: int | None = None  # the step of the newest healthy checkpoint
 
     # -- per step ---------------------------------------------------------------------------------
@@ -80,24 +82,27 @@ class Health:
         if bad is not None:
             self.bad_run.append((step, bad, float(row[bad])))
             self.bad_total += 1
-            self.clean_since_save = False
+            self.pending = None  # the checkpoint before this step holds the weights that failed
             flags.update(skipped=True, bad_steps=len(self.bad_run))
             log.warning("step %d skipped: the %s is %s (no update applied; %d bad step(s) in a row, stop at %d)",
                         step, bad.replace("_", " "), row[bad], len(self.bad_run), self.cfg.max_bad_steps)
             return flags
         self.bad_run = []
         flags.update(self._loss_jump(float(row["loss"]), step))
+        if self.pending is not None and not flags:  # its weights gave a finite, ordinary loss
+            self.last_healthy = self.pending
+        self.pending = None
         flags.update(self._rollout_signatures(row, step))
         return flags
 
     def _loss_jump(self, loss: float, step: int) -> dict[str, Any]:
-        if self.cfg.loss_jump > 0 and len(self.losses) >= 3:
-            median = max(float(np.median(self.losses)), JUMP_FLOOR)
-            if abs(loss) > self.cfg.loss_jump * median:
-                self.clean_since_save = False
-                self._warn("loss_jump", value=loss, step=step, factor=self.cfg.loss_jump)
-                return {"warn_loss_jump": True}  # a jumped loss stays out of the median: divergence stays flagged
+        limit = math.inf if self.cfg.loss_jump == 0 or self.low_median is None else self.cfg.loss_jump * max(self.low_median, JUMP_FLOOR)
+        if abs(loss) > limit:
+            self._warn("loss_jump", value=loss, step=step, factor=self.cfg.loss_jump)
+            return {"warn_loss_jump": True}  # a jumped loss stays out of the median: divergence stays flagged
         self.losses = (self.losses + [abs(loss)])[-WINDOW:]
+        median = float(np.median(self.losses))
+        self.low_median = median if self.low_median is None else min(self.low_median, median)
         return {}
 
     def _rollout_signatures(self, row: dict[str, Any], step: int) -> dict[str, Any]:
@@ -134,13 +139,9 @@ class Health:
         """A checkpoint may be written now: the last step was not bad."""
         return not self.bad_run
 
-    def saved(self, step: int) -> bool:
-        """Record a checkpoint written at ``step``; True when it is healthy (the one to protect)."""
-        healthy = self.clean_since_save
-        if healthy:
-            self.last_healthy = step
-        self.clean_since_save = True
-        return healthy
+    def saved(self, step: int) -> None:
+        """Record a checkpoint written at ``step``: healthy once the next step passes."""
+        self.pending = step
 
     def diagnosis(self, root: Path | None = None) -> str:
         """One line for the user: what was not finite, at which steps, the checkpoint to go back to
@@ -159,13 +160,14 @@ class Health:
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"bad_run": [list(b) for b in self.bad_run], "bad_total": self.bad_total, "losses": list(self.losses),
+        return {"bad_run": [list(b) for b in self.bad_run], "bad_total": self.bad_total, "losses": list(self.losses), "low_median": self.low_median,
                 "base_len": self.base_len, "base_distinct": self.base_distinct, "base_logp": self.base_logp,
-                "warned": list(self.warned), "clean_since_save": self.clean_since_save, "last_healthy": self.last_healthy}
+                "warned": list(self.warned), "pending": self.pending, "last_healthy": self.last_healthy}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.bad_run = [(int(s), str(q), float(v)) for s, q, v in state["bad_run"]]
         self.bad_total, self.losses = int(state["bad_total"]), [float(x) for x in state["losses"]]
+        self.low_median = state["low_median"]
         self.base_len, self.base_distinct, self.base_logp = state["base_len"], state["base_distinct"], state["base_logp"]
-        self.warned, self.clean_since_save = list(state["warned"]), bool(state["clean_since_save"])
+        self.warned, self.pending = list(state["warned"]), state["pending"]
         self.last_healthy = state["last_healthy"]
