@@ -5,6 +5,7 @@ line on Ctrl-C (before: click's bare ``aborted``, and SIGTERM ended the process 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -141,3 +142,40 @@ def test_ctrl_c_in_generate_and_eval_is_one_line(command: str, tiny_task: dict[s
     assert err[-1] == ("interrupted by SIGINT; finished checkpoints and written records are kept, rerun the same "
                        "command to resume"), err
     assert not any("Traceback" in ln or ln.strip() in ("aborted", "Aborted!") for ln in err), err
+
+
+# rank 1 alone gets SIGTERM, from itself, right after its second optimizer step
+ONE_RANK = ("import os, signal; import minillm.trainer as t; real = t.optimise; n = [0]\n"
+            "def slow(*a, **k):\n"
+            "    out = real(*a, **k); n[0] += 1\n"
+            "    if os.environ['RANK'] == '1' and n[0] == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return out\n"
+            "t.optimise = slow\nfrom minillm.cli import main; main()")
+
+
+def test_ranks_agree_to_stop_after_the_same_step(tiny_task: dict[str, Path], tmp_path: Path) -> None:
+    """Two real ranks (gloo): only rank 1 is signalled, both stop after step 2 and write its checkpoint
+    together; without the agreement rank 0 would wait in step 3's collectives until dist_timeout_s."""
+    import socket
+
+    out = tmp_path / "run"
+    path = _config(tiny_task, tmp_path, out, device="cpu", dist_timeout_s=60.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        try:
+            procs.append(Proc([sys.executable, "-c", ONE_RANK, "train", str(path)], tmp_path))
+        finally:
+            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(k, None)
+    (rc0, err0), (rc1, err1) = procs[0].finish(), procs[1].finish()
+    assert (rc0, rc1) == (143, 143), (err0[-5:], err1[-5:])
+    ckpt = out / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [ckpt.name]
+    assert (ckpt / "dcp").is_dir()  # written by both ranks
+    assert err0[-1] == f"stopped by SIGTERM after step 2; checkpoint {ckpt}; rerun the same command to resume: minillm train {path}"
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
