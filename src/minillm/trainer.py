@@ -1,8 +1,10 @@
 """The one training loop, shared by every method.
 
 Read :func:`train` top to bottom: collect (rollout + score, or read data) -> optimise (loss,
-backward, step) -> log -> evaluate -> checkpoint. A method only says how to build its batches and
-its per-token loss terms (:mod:`minillm.methods.base`).
+backward, step) -> health check -> evaluate -> log -> checkpoint. A method only says how to build
+its batches and its per-token loss terms (:mod:`minillm.methods.base`). A bad step (non-finite
+reward, loss or gradient norm) applies no update and writes no checkpoint (:mod:`minillm.health`);
+SIGTERM / SIGINT end the loop after the step in progress, with a checkpoint (:mod:`minillm.stopping`).
 """
 
 from __future__ import annotations

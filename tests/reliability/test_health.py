@@ -213,3 +213,24 @@ def test_resumed_run_carries_the_health_record(tiny_task: dict[str, Path], tmp_p
     assert steps_of(out) == steps_of(ref)
     flags = lambda o: [(x["step"], x.get("warn_loss_jump", False)) for x in rows_of(o)]  # noqa: E731
     assert flags(out) == flags(ref)
+
+
+def test_distinct_2_against_a_naive_count() -> None:
+    from minillm.methods.minillm import distinct_2
+
+    g = torch.Generator().manual_seed(0)
+    rs = [torch.randint(0, 4, (int(n),), generator=g) for n in torch.randint(0, 9, (6,), generator=g)]
+    pairs = [(int(r[i]), int(r[i + 1])) for r in rs for i in range(len(r) - 1)]
+    assert distinct_2(rs) == pytest.approx(len(set(pairs)) / len(pairs))
+    assert distinct_2([torch.tensor([5, 5, 5, 5])]) == pytest.approx(1 / 3)
+    assert distinct_2([torch.tensor([1]), torch.tensor([], dtype=torch.long)]) == 1.0  # no bigram: nothing repeats
+
+
+def test_minillm_rows_carry_the_signature_statistics(tiny_task: dict[str, Path], tmp_path: Path) -> None:
+    d = tiny_config_dict(tiny_task, tmp_path / "run", "minillm", train={"max_steps": 2, "batch_size": 2, "grad_accum": 2},
+                         minillm={"rollouts_per_step": 8, "ppo_epochs": 1})
+    out = train(config_from_dict(d))
+    for r in rows_of(out):
+        assert 0 < r["rollout_distinct_2"] <= 1 and r["teacher_logprob"] < 0
+        assert not any(k.startswith("warn_") or k == "skipped" for k in r), r
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 0
