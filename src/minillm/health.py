@@ -149,14 +149,17 @@ class Health:
         first, last = self.bad_run[0], self.bad_run[-1]
         kinds = sorted({q for _, q, _ in self.bad_run}, key=CHECKED.index)
         what = " / ".join(k.replace("_", " ") for k in kinds)
+        fix = f"lower train.lr (now {self.cfg.lr:g}) or check the data"
         if self.last_healthy is None:
-            keep = "no healthy checkpoint was written"
+            keep = f"no healthy checkpoint was written. {fix[0].upper() + fix[1:]}, then start again"
         else:
             where = root / f"step_{self.last_healthy:08d}" if root is not None else f"step {self.last_healthy}"
-            keep = f"the last healthy checkpoint is {where}"
+            keep = (f"the last healthy checkpoint is {where}. To go on from it, {fix} and start a new run from its "
+                    f"weights (student.path={where}/model in another output_dir; `minillm export` for a distributed "
+                    "checkpoint)")
         return (f"the run diverged: the {what} was not finite for {len(self.bad_run)} steps in a row (steps "
-                f"{first[0]}-{last[0]}, first {first[1].replace('_', ' ')}={first[2]}); {keep}. Lower train.lr "
-                f"(now {self.cfg.lr:g}) or check the data, then rerun (train.max_bad_steps={self.cfg.max_bad_steps})")
+                f"{first[0]}-{last[0]}, first {first[1].replace('_', ' ')}={first[2]}); {keep} "
+                f"(train.max_bad_steps={self.cfg.max_bad_steps})")
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

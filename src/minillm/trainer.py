@@ -127,10 +127,12 @@ def train(cfg: Config, progress: Any = None) -> Path:
                 progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
             if health.diverged:
                 raise UserError(health.diagnosis(ckpt.root))
-            signum = stop.agreed(dist)  # every rank stops after the same step
-            if state.step % cfg.train.save_every == 0 or state.step == max_steps or signum:  # phase: checkpoint
+            due = state.step % cfg.train.save_every == 0 or state.step == max_steps
+            if due:  # phase: checkpoint
                 save_checkpoint(ckpt, health, state, models, opt, sched, method, scaler)
-            if signum:
+            if signum := stop.agreed(dist):  # a signal, even one during that save: every rank stops after this step
+                if not due:
+                    save_checkpoint(ckpt, health, state, models, opt, sched, method, scaler)
                 if tracker is not None:
                     tracker.close()
                 raise Stopped(signum, state.step, dist.on_main(ckpt.latest))

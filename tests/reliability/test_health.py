@@ -90,8 +90,10 @@ def test_streak_of_bad_steps_diverges_and_resets() -> None:
     assert h.diverged and h.bad_total == 5
     msg = h.diagnosis(Path("/run/checkpoints"))
     assert msg == ("the run diverged: the reward / loss was not finite for 3 steps in a row (steps 6-8, first "
-                   "reward=nan); the last healthy checkpoint is /run/checkpoints/step_00000001. Lower train.lr "
-                   "(now 0.5) or check the data, then rerun (train.max_bad_steps=3)")
+                   "reward=nan); the last healthy checkpoint is /run/checkpoints/step_00000001. To go on from it, lower "
+                   "train.lr (now 0.5) or check the data and start a new run from its weights "
+                   "(student.path=/run/checkpoints/step_00000001/model in another output_dir; `minillm export` for a "
+                   "distributed checkpoint) (train.max_bad_steps=3)")
     assert "\n" not in str(UserError(msg))
 
 
@@ -195,7 +197,8 @@ def test_non_finite_run_stops_with_a_diagnosis_and_writes_no_bad_checkpoint(tiny
     assert steps_of(out) == list(range(1, bad[0]))  # every checkpoint before the streak, none from it
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the run diverged: the ") and f"(steps {bad[0]}-{bad[-1]}, " in last, r.stderr
-    assert "Lower train.lr (now 10000) or check the data" in last and "Traceback" not in r.stderr
+    assert "no healthy checkpoint was written. Lower train.lr (now 10000) or check the data, then start again" in last
+    assert "Traceback" not in r.stderr
     assert not (out / "final").exists()
 
 
