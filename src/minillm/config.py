@@ -174,8 +174,8 @@ class TrainConfig:
     fused_loss: str = "auto"  # losses from hidden states and the output layer in chunks, no (B, T, V) logits held: auto (when a micro-batch's would pass 256 MB), on, off
     max_bad_steps: int = 3  # a step with a non-finite loss, gradient norm or reward is skipped (no update); this many in a row stop the run with a diagnosis
     loss_jump: float = 100.0  # warn (once) when |loss| exceeds this many times its running median (floored at 1); 0 = off
-    length_collapse: float = 0.25  # warn (once) when the mean rollout response length falls below this fraction of the first rollouts' (or half the responses are empty)
-    distinct_collapse: float = 0.5  # warn (once) of reward hacking when rollout distinct-2 falls below this fraction of the first rollouts' while the teacher's log-prob rises
+    length_collapse: float = 0.25  # warn (once) when the mean rollout response length falls below this fraction of the first rollouts' (or half the responses are empty); 0 = off
+    distinct_collapse: float = 0.5  # warn (once) of reward hacking when rollout distinct-2 falls below this fraction of the first rollouts' while the teacher's log-prob rises; 0 = off
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")

@@ -107,7 +107,7 @@ class Health:
 
     def _rollout_signatures(self, row: dict[str, Any], step: int) -> dict[str, Any]:
         flags: dict[str, Any] = {}
-        if "response_len" in row:
+        if "response_len" in row and self.cfg.length_collapse > 0:
             n, empty = float(row["response_len"]), float(row.get("empty_responses", 0.0))
             if self.base_len is None:
                 self.base_len = n

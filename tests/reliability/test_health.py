@@ -132,7 +132,8 @@ def test_length_collapse_and_reward_hacking_signatures() -> None:
     assert h.check(_row(**{**base, "rollout_distinct_2": 0.3, "teacher_logprob": -2.0}), 6) == {"warn_reward_hacking": True}
     off = Health(TrainConfig(length_collapse=0.0, distinct_collapse=0.0, loss_jump=0.0), rollouts_per_step=8)
     off.check(_row(**base), 1)
-    assert off.check(_row(1e9, **{**base, "response_len": 1.0, "rollout_distinct_2": 0.01, "teacher_logprob": 0.0}), 2) == {}
+    assert off.check(_row(1e9, **{**base, "response_len": 1.0, "empty_responses": 8.0, "rollout_distinct_2": 0.01,
+                                  "teacher_logprob": 0.0}), 2) == {}
 
 
 def test_state_round_trips() -> None:
