@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="minillm", standalone_mode=False)
     except Stopped as e:
         if _is_main_rank():
-            click.echo(f"{e}; rerun the same command to resume: minillm {shlex.join(argv)}", err=True)
+            again = "resume" if e.checkpoint is not None else "start again"
+            click.echo(f"{e}; rerun the same command to {again}: minillm {shlex.join(argv)}", err=True)
         sys.exit(exit_status(e.signum))
     except Interrupted as e:
         if _is_main_rank():
