@@ -119,8 +119,10 @@ def test_second_signal_exits_at_once(tiny_task: dict[str, Path], tmp_path: Path)
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
 
 
-@pytest.mark.parametrize("command", ["generate", "eval"])
-def test_ctrl_c_in_generate_and_eval_is_one_line(command: str, tiny_task: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("command, sig, status", [("generate", signal.SIGINT, 130), ("eval", signal.SIGINT, 130),
+                                                  ("train", signal.SIGTERM, 143)])  # train: while it still loads
+def test_signal_outside_the_loop_is_one_line(command: str, sig: int, status: int, tiny_task: dict[str, Path],
+                                             tmp_path: Path) -> None:
     d = tiny_config_dict(tiny_task, tmp_path / "run", "sft", generation={"max_new_tokens": 64},
                          eval={"models": {"student": str(tiny_task["student"])}, "test": {"t": str(tiny_task["test"])},
                                "seeds": list(range(50))})
@@ -136,11 +138,11 @@ def test_ctrl_c_in_generate_and_eval_is_one_line(command: str, tiny_task: dict[s
         proc.wait_for(lambda: gen.exists() and bool(gen.read_text().strip()), "generated record")
     else:
         proc.wait_for(lambda: any("READY" in ln for ln in proc.err), "start")
-    proc.p.send_signal(signal.SIGINT)
+    proc.p.send_signal(sig)
     rc, err = proc.finish()
-    assert rc == 130, err
-    assert err[-1] == ("interrupted by SIGINT; finished checkpoints and written records are kept, rerun the same "
-                       "command to resume"), err
+    assert rc == status, err
+    assert err[-1] == (f"interrupted by {signal.Signals(sig).name}; finished checkpoints and written records are kept, "
+                       "rerun the same command to resume"), err
     assert not any("Traceback" in ln or ln.strip() in ("aborted", "Aborted!") for ln in err), err
 
 
