@@ -329,9 +329,7 @@ class MiniLLM(Method):
             "seq_reverse_kl": seq_rkl / max(len(rows), 1),
             "response_len": float(np.mean([len(s.response) for s in samples])) if samples else 0.0,
             "empty_responses": float(sum(len(s.response) == 0 for s in samples)),
-            # the reward-hacking signature (minillm.health): repetitive rollouts the teacher rates highly
-            "teacher_logprob": logp_sum / n_tok,
-            "rollout_distinct_2": distinct_2([s.response for s in samples]),
+            "teacher_logprob": logp_sum / n_tok,  # with collect's rollout_distinct_2: the reward-hacking signature
         }
         return rows, stats
 
@@ -356,8 +354,9 @@ class MiniLLM(Method):
             r.index = i  # one process's keys; a world of one caches, so its keys are already these
         n_tok = float(sum(len(r.response) for r in mine))
         stats = dist.mean_values(stats, {"reward": n_tok, "reverse_kl": n_tok, "seq_reverse_kl": len(mine),
-                                         "response_len": len(samples), "teacher_logprob": n_tok,
-                                         "rollout_distinct_2": len(samples)})  # distinct-2: the ranks' mean
+                                         "response_len": len(samples), "teacher_logprob": n_tok})
+        # over every rank's rollouts, as one process counts them (an empty response has no bigram)
+        stats["rollout_distinct_2"] = distinct_2([r.response for r in rows])
         if self.m.whiten == "rollout" and rows:  # over the whole rollout batch, as one process would
             flat = torch.cat([r.advantage for r in rows])
             white = whiten(flat[None], torch.ones_like(flat)[None])[0]
