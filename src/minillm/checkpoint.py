@@ -95,6 +95,7 @@ class Checkpointer:
 
     def __init__(self, root: Path, keep_last: int, dist: Dist | None = None) -> None:
         self.root, self.keep_last, self.dist = Path(root), keep_last, dist or Dist()
+        self.protect: int | None = None  # a step whose checkpoint pruning keeps (the newest healthy one: minillm.health)
 
     def all(self) -> list[Path]:
         if not self.root.is_dir():
@@ -173,7 +174,8 @@ class Checkpointer:
             if problem is None:
                 older = [p for p in self.all() if p != final]
                 for old in older[: max(0, len(older) - (self.keep_last - 1))]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    if self.protect is None or old.name != f"step_{self.protect:08d}":  # the newest healthy one stays
+                        shutil.rmtree(old, ignore_errors=True)
             else:
                 log.warning("checkpoint %s failed its check right after writing (%s); older checkpoints are kept", final, problem)
         self.dist.barrier()

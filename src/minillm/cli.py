@@ -232,9 +232,28 @@ def init_student_cmd(source: str, layers: int, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI; a :class:`UserError` prints one line and exits with status 2."""
+    """Entry point: run the CLI; a :class:`UserError` prints one line and exits with status 2.
+
+    SIGTERM and SIGINT exit with 143 / 130 after one line: a training run first finishes its step
+    and writes a checkpoint (:mod:`minillm.stopping`), other commands stop where they are."""
+    import shlex
+
+    from minillm.stopping import Interrupted, Stopped, exit_status, install_interrupt_handlers
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    install_interrupt_handlers()  # not KeyboardInterrupt: click would turn it into a bare Abort
     try:
         cli.main(args=argv, prog_name="minillm", standalone_mode=False)
+    except Stopped as e:
+        if _is_main_rank():
+            again = "resume" if e.checkpoint is not None else "start again"
+            click.echo(f"{e}; rerun the same command to {again}: minillm {shlex.join(argv)}", err=True)
+        sys.exit(exit_status(e.signum))
+    except Interrupted as e:
+        if _is_main_rank():
+            click.echo(f"{e}; finished checkpoints and written records are kept, rerun the same command to resume",
+                       err=True)
+        sys.exit(exit_status(e.signum))
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -174,6 +174,10 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward: less memory, about a third more compute
     dist_timeout_s: float = 1800.0  # a collective waiting longer fails the run: a stuck rank becomes an error, not a hang
     fused_loss: str = "auto"  # losses from hidden states and the output layer in chunks, no (B, T, V) logits held: auto (when a micro-batch's would pass 256 MB), on, off
+    max_bad_steps: int = 3  # a step with a non-finite loss, gradient norm or reward is skipped (no update); this many in a row stop the run with a diagnosis
+    loss_jump: float = 100.0  # warn (once) when |loss| exceeds this many times its running median (floored at 1); 0 = off
+    length_collapse: float = 0.25  # warn (once) when the mean rollout response length falls below this fraction of the first rollouts' (or half the responses are empty); 0 = off
+    distinct_collapse: float = 0.5  # warn (once) of reward hacking when rollout distinct-2 falls below this fraction of the first rollouts' while the teacher's log-prob rises; 0 = off
 
     def __post_init__(self) -> None:
         _check(self.schedule in SCHEDULES, "train.schedule", f"must be one of {SCHEDULES}")
@@ -208,6 +212,10 @@ class TrainConfig:
                f"must be one of {TEACHER_SHARDING}, got {self.teacher_sharding!r}")
         _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
         _check(self.fused_loss in ("auto", "on", "off"), "train.fused_loss", f"must be auto, on or off, got {self.fused_loss!r}")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1 (bad steps in a row that stop the run)")
+        _check(self.loss_jump >= 0, "train.loss_jump", "must be >= 0 (0 turns the warning off)")
+        _check(0 <= self.length_collapse < 1, "train.length_collapse", "must lie in [0, 1) (0 turns the warning off)")
+        _check(0 <= self.distinct_collapse < 1, "train.distinct_collapse", "must lie in [0, 1) (0 turns the warning off)")
 
     @property
     def sequences_per_step(self) -> int:

@@ -110,9 +110,18 @@ def run_fingerprint(cfg: Config) -> dict[str, Any]:
     return {"format": FORMAT, "hash": digest, "config": config, "data": data}
 
 
+# keys added after run folders carried only config.hash: such a folder was written without them
+_NEW_SINCE_LEGACY = {"train": ("max_bad_steps", "loss_jump", "length_collapse", "distinct_collapse")}
+
+
 def legacy_hash(cfg: Config) -> str:
-    """The ``config.hash`` of a run folder written before the fingerprint (paths as spelled)."""
-    return hashlib.sha256(json.dumps(_neutral(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """The ``config.hash`` of a run folder written before the fingerprint (paths as spelled), as
+    that code computed it: keys it did not have yet are left out."""
+    d = _neutral(cfg)
+    for section, keys in _NEW_SINCE_LEGACY.items():
+        for k in keys:
+            d[section].pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """The one training loop, shared by every method.
 
 Read :func:`train` top to bottom: collect (rollout + score, or read data) -> optimise (loss,
-backward, step) -> log -> evaluate -> checkpoint. A method only says how to build its batches and
-its per-token loss terms (:mod:`minillm.methods.base`).
+backward, step) -> health check -> evaluate -> log -> checkpoint. A method only says how to build
+its batches and its per-token loss terms (:mod:`minillm.methods.base`). A bad step (non-finite
+reward, loss or gradient norm) applies no update and writes no checkpoint (:mod:`minillm.health`);
+SIGTERM / SIGINT end the loop after the step in progress, with a checkpoint (:mod:`minillm.stopping`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from minillm.data import load_run_data
 from minillm.distributed import Dist, init_distributed
 from minillm.errors import UserError
 from minillm.fingerprint import check_resume, run_fingerprint, write_fingerprint
+from minillm.health import Health
 from minillm.methods import Experience, Method, get_method
 from minillm.methods.base import Batch
 from minillm.parallel import (
@@ -39,6 +42,7 @@ from minillm.parallel import (
     save_model,
 )
 from minillm.preflight import check_paths
+from minillm.stopping import StopFlag, Stopped
 from minillm.tracking import Tracker
 from minillm.validate import validate
 
@@ -60,6 +64,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
     cfg.validate_for_training()
     check_paths(cfg, "train")  # every path and each model's context, before any model loads
     dist = init_distributed(cfg.train, need_group=cfg.train.parallel == "fsdp" or cfg.train.teacher_sharding == "shard")
+    stop: StopFlag | None = None
     try:
         out = dist.on_main(lambda: prepare_output_dir(cfg))  # rank 0 checks and writes; every rank gets its verdict
         seed_everything(cfg.seed)
@@ -75,8 +80,9 @@ def train(cfg: Config, progress: Any = None) -> Path:
         scaler = loss_scaler(method, model)
         ckpt = Checkpointer(out / "checkpoints", cfg.train.keep_last, dist)
         state = TrainState()
+        health = Health(cfg.train, cfg.minillm.rollouts_per_step)  # bad steps, divergence, failure signatures
         if cfg.train.resume and (latest := dist.on_main(ckpt.latest_intact)) is not None:
-            state = restore(ckpt, latest, model, opt, sched, method, scaler)
+            state = restore(ckpt, latest, model, opt, sched, method, scaler, health)
             log.info("resumed from %s (step %d)", latest, state.step)
         metrics = MetricsLog(out / "metrics.jsonl", keep_until=state.step) if dist.main else None
         tracker = Tracker(cfg, out, max_steps, state.step, progress) if dist.main else None  # train.report_to, log lines
@@ -84,6 +90,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
         progress = progress if dist.main else None
         task = progress.add_task(f"{cfg.method} ", total=max_steps, completed=state.step) if progress else None
 
+        stop = StopFlag().install()  # SIGTERM / SIGINT: finish the step, checkpoint, exit (minillm.stopping)
         while state.step < max_steps:
             t0 = time.perf_counter()
             fresh = state.exp is None
@@ -96,7 +103,8 @@ def train(cfg: Config, progress: Any = None) -> Path:
             micro_batches = exp.updates[state.next_update]
             state.next_update += 1
             model.train(method.dropout)
-            row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip, scaler, dist)  # phase: loss, backward, step
+            reward_ok = math.isfinite(exp.metrics.get("reward", 0.0))  # a non-finite reward: a bad step, no update
+            row = optimise(method, model, micro_batches, opt, cfg.train.grad_clip, scaler, dist, skip=not reward_ok)  # phase: loss, backward, step
             sched.step()
             if state.next_update >= len(exp.updates):
                 state.exp = None
@@ -104,6 +112,7 @@ def train(cfg: Config, progress: Any = None) -> Path:
             dt = dist.max_value(time.perf_counter() - t0)
             row.update(step=state.step, lr=sched.get_last_lr()[0], step_time_s=dt, tokens_per_s=row.pop("tokens") / dt,
                        **exp.metrics, **(exp.once if fresh else {}))
+            row.update(health.check(row, state.step, loss_scaled=scaler.is_enabled()))  # phase: numerical health
             if state.step % cfg.train.eval_every == 0 or state.step == max_steps:  # phase: evaluate
                 with gathered(model):
                     row.update(validate(cfg, model, models.tokenizer, models.vocab_size, data.valid, data.valid_examples,
@@ -111,15 +120,25 @@ def train(cfg: Config, progress: Any = None) -> Path:
                 score = row.get(select_key)
                 if score is not None and is_better(score, state.best, cfg.train.select_by):
                     state.best, state.best_step = score, state.step
-                    save_model(models, out / "best")
+                    save_model(models, out / "best")  # a finite score: never a bad step's model
             if metrics is not None:  # phase: log
                 metrics.write(row)
             if tracker is not None:
                 tracker.log(row)
             if progress is not None:
                 progress.update(task, completed=state.step, description=f"{cfg.method} loss {row['loss']:.3f}")
-            if state.step % cfg.train.save_every == 0 or state.step == max_steps:  # phase: checkpoint
-                ckpt.save(state.step, model, opt, models.tokenizer, snapshot(state, sched, method, scaler))
+            if health.diverged:
+                raise UserError(health.diagnosis(ckpt.root))
+            due = state.step % cfg.train.save_every == 0 or state.step == max_steps
+            if due:  # phase: checkpoint
+                save_checkpoint(ckpt, health, state, models, opt, sched, method, scaler)
+            if signum := stop.agreed(dist):  # a signal, even one during that save: every rank stops after this step
+                if not due:
+                    save_checkpoint(ckpt, health, state, models, opt, sched, method, scaler)
+                if tracker is not None:
+                    tracker.close()
+                raise Stopped(signum, state.step, dist.on_main(ckpt.latest))
+        stop.uninstall()
 
         if tracker is not None:
             tracker.close()
@@ -128,12 +147,27 @@ def train(cfg: Config, progress: Any = None) -> Path:
             save_model(models, out / "best")
         if dist.main:
             summary = {"method": cfg.method, "steps": state.step, "best_step": state.best_step, "best": state.best,
-                       "select_by": cfg.train.select_by, "world_size": dist.world, "parallel": cfg.train.parallel}
+                       "select_by": cfg.train.select_by, "world_size": dist.world, "parallel": cfg.train.parallel,
+                       "skipped_steps": health.bad_total}
             write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
         dist.barrier()
         return out
     finally:
+        if stop is not None:
+            stop.uninstall()  # the signals' handlers as they were
         dist.close()
+
+
+def save_checkpoint(ckpt: Checkpointer, health: Health, state: TrainState, models: Any, opt: Any, sched: Any,
+                    method: Method, scaler: Any) -> None:
+    """Checkpoint the step just finished, unless it failed the health check; the newest healthy
+    checkpoint is kept through pruning (a diverging run keeps a good state to go back to)."""
+    if not health.may_save:
+        log.warning("step %d: no checkpoint written from a step that failed the health check", state.step)
+        return
+    health.saved(state.step)
+    ckpt.protect = health.last_healthy
+    ckpt.save(state.step, models.student, opt, models.tokenizer, snapshot(state, sched, method, scaler, health))
 
 
 def check_split(cfg: Config, dist: Dist) -> None:
@@ -165,14 +199,18 @@ def loss_scaler(method: Method, model: Any) -> torch.amp.GradScaler:
 
 def optimise(
     method: Method, model: Any, micro_batches: list[Batch], opt: torch.optim.Optimizer, grad_clip: float,
-    scaler: torch.amp.GradScaler | None = None, dist: Dist | None = None,
+    scaler: torch.amp.GradScaler | None = None, dist: Dist | None = None, skip: bool = False,
 ) -> dict[str, float]:
     """One optimizer step over ``micro_batches`` (the step's global list); each term is normalised
     by its global token count. Under several ranks each runs its share (:meth:`Dist.share`) and the
     gradients and logged sums are added up over ranks, so the step is the one-process step.
 
     With an enabled ``scaler`` the gradients are unscaled before clipping, and a step whose
-    gradients overflowed is skipped (the scale is lowered) as :class:`torch.amp.GradScaler` does."""
+    gradients overflowed is skipped (the scale is lowered) as :class:`torch.amp.GradScaler` does.
+
+    A bad step (:mod:`minillm.health`) applies no update either: ``skip`` (the rollout's reward was
+    not finite), a non-finite loss, or, without loss scaling, a non-finite gradient norm. The row
+    still reports the loss and norm, so the health check can name what went wrong."""
     scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)  # pass-through
     dist = dist or Dist()
     counts = token_counts(micro_batches)
@@ -195,19 +233,21 @@ def optimise(
     totals = dist.sum_values({**{f"term/{k}": v for k, v in sums.items()}, "loss": loss_total, "tokens": tokens})
     loss_total, tokens = totals["loss"], int(totals["tokens"])
     sums = {k: totals[f"term/{k}"] for k in sums}
-    if not math.isfinite(loss_total):
-        raise FloatingPointError(f"the loss became {loss_total}; lower train.lr or check the data")
+    if skip or not math.isfinite(loss_total):  # every rank sees the same summed loss: all skip alike
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss_total, **sums, "grad_norm": math.nan, "tokens": tokens}
     reduce_gradients(model, dist)
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.tensor(0.0)
+    norm = 0.0
     if params:
         scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        scaler.step(opt)
-        scaler.update()
+        norm_t = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)  # a sharded model's norm is a DTensor
+        if math.isfinite(norm) or scaler.is_enabled():  # an enabled scaler skips an overflow itself and lowers its scale
+            scaler.step(opt)
+            scaler.update()
     opt.zero_grad(set_to_none=True)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a sharded model's norm is a DTensor
-    return {"loss": loss_total, **sums, "grad_norm": float(norm), "tokens": tokens}
+    return {"loss": loss_total, **sums, "grad_norm": norm, "tokens": tokens}
 
 
 def token_counts(micro_batches: Iterable[Batch]) -> dict[str, float]:
@@ -259,18 +299,23 @@ def is_better(score: float, best: float | None, select_by: str) -> bool:
     return best is None or (score > best if select_by == "rouge_l" else score < best)
 
 
-def snapshot(state: TrainState, sched: Any, method: Method, scaler: Any) -> dict[str, Any]:
+def snapshot(state: TrainState, sched: Any, method: Method, scaler: Any, health: Health | None = None) -> dict[str, Any]:
     """The trainer state of a checkpoint besides weights and optimizer (the checkpointer stores those)."""
     return {
         "scheduler": sched.state_dict(), "method": method.state_dict(), "scaler": scaler.state_dict(),
         "best": state.best, "best_step": state.best_step, "next_update": state.next_update,
+        "health": health.state_dict() if health is not None else None,
         # the unfinished experience as plain containers: a checkpoint stores no classes (minillm.statefile)
         "exp": None if state.exp is None else {"updates": state.exp.updates, "metrics": state.exp.metrics, "once": state.exp.once},
     }
 
 
-def restore(ckpt: Checkpointer, path: Path, model: Any, opt: Any, sched: Any, method: Method, scaler: Any) -> TrainState:
+def restore(ckpt: Checkpointer, path: Path, model: Any, opt: Any, sched: Any, method: Method, scaler: Any,
+            health: Health | None = None) -> TrainState:
     saved = ckpt.load(path, model, opt)
+    if health is not None and saved.get("health"):  # absent in checkpoints written before the health check
+        health.load_state_dict(saved["health"])
+        ckpt.protect = health.last_healthy
     if saved.get("scaler"):  # empty when loss scaling is off
         scaler.load_state_dict(saved["scaler"])
     sched.load_state_dict(saved["scheduler"])

@@ -180,3 +180,15 @@ def test_old_run_folder_with_only_config_hash_still_resumes(tiny_task: dict[str,
     (out / "config.hash").write_text("0123456789abcdef")  # an old run with another config
     with pytest.raises(UserError, match="different config.*config.yaml"):
         train(_cfg(tiny_task, out, steps=4))
+
+
+def test_legacy_hash_equals_what_the_code_before_the_fingerprint_wrote() -> None:
+    """Pinned from the release that wrote only ``config.hash`` (``trainer._comparable_hash`` of
+    minillm before the fingerprint, on ``Config()`` with ``output_dir=runs/x``): keys added since
+    must not change it, or every such folder is refused as a different run after an upgrade."""
+    from minillm.config import Config
+    from minillm.fingerprint import legacy_hash
+
+    cfg = Config()
+    cfg.output_dir = "runs/x"
+    assert legacy_hash(cfg) == "9ab82bf9f283787a"

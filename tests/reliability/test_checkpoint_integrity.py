@@ -131,12 +131,13 @@ def test_legacy_empty_trainer_state_pt_falls_back(finished: Path, tmp_path: Path
 def test_pruning_keeps_the_new_checkpoint_over_a_damaged_newer_one(finished: Path, tiny_task: dict[str, Path],
                                                                    tmp_path: Path) -> None:
     """keep_last=1 after falling back from a damaged step 4 to step 2: the step-3 checkpoint just
-    written (and checked) is what remains, never only a damaged one."""
+    written (and checked) remains, never only a damaged one. Step 2 stays beside it: it is the
+    newest checkpoint whose next step was seen healthy (minillm.health protects it from pruning)."""
     out = _copy(finished, tmp_path)
     ckpt4 = out / "checkpoints" / "step_00000004"
     _flip(ckpt4 / "model" / "model.safetensors", -10)
     train(_cfg(tiny_task, out, steps=3, save_every=1, keep_last=1))
-    assert [p.name for p in Checkpointer(out / "checkpoints", 1).all()] == ["step_00000003"]
+    assert [p.name for p in Checkpointer(out / "checkpoints", 1).all()] == ["step_00000002", "step_00000003"]
     assert check_checkpoint(out / "checkpoints" / "step_00000003") is None
 
 

@@ -279,7 +279,7 @@ class MiniLLM(Method):
         need_q = not self.reuse_q or (not self.reuse_p and not self.keep_q)  # q for log q_old / the KL statistic
         self.cache.start(step)
         by_index: dict[int, _Row] = {}
-        rewards_sum = kl_sum = kl_n = seq_rkl = 0.0
+        rewards_sum = kl_sum = kl_n = seq_rkl = logp_sum = 0.0
         order = sorted(range(len(real)), key=lambda j: len(samples[real[j]].prompt) + len(samples[real[j]].response))
         for js in chunks(order, self.cfg.train.batch_size):
             batch = [samples[real[j]] for j in js]
@@ -308,6 +308,7 @@ class MiniLLM(Method):
             w = torch.exp(mb["logw"].to(dev)) * mask
             kl_sum += float((kl * w).sum())
             kl_n += float(mask.sum())
+            logp_sum += float(logp.sum())  # already masked
             seq_rkl += float((w * (logq - logp)).sum())
             r = (logp - logq) * m.reward_scale
             if m.reward_clip is not None:
@@ -328,6 +329,7 @@ class MiniLLM(Method):
             "seq_reverse_kl": seq_rkl / max(len(rows), 1),
             "response_len": float(np.mean([len(s.response) for s in samples])) if samples else 0.0,
             "empty_responses": float(sum(len(s.response) == 0 for s in samples)),
+            "teacher_logprob": logp_sum / n_tok,  # with collect's rollout_distinct_2: the reward-hacking signature
         }
         return rows, stats
 
@@ -352,7 +354,9 @@ class MiniLLM(Method):
             r.index = i  # one process's keys; a world of one caches, so its keys are already these
         n_tok = float(sum(len(r.response) for r in mine))
         stats = dist.mean_values(stats, {"reward": n_tok, "reverse_kl": n_tok, "seq_reverse_kl": len(mine),
-                                         "response_len": len(samples)})
+                                         "response_len": len(samples), "teacher_logprob": n_tok})
+        # over every rank's rollouts, as one process counts them (an empty response has no bigram)
+        stats["rollout_distinct_2"] = distinct_2([r.response for r in rows])
         if self.m.whiten == "rollout" and rows:  # over the whole rollout batch, as one process would
             flat = torch.cat([r.advantage for r in rows])
             white = whiten(flat[None], torch.ones_like(flat)[None])[0]
@@ -419,6 +423,18 @@ class MiniLLM(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.sampler.load_state_dict(state["sampler"])
+
+
+def distinct_2(responses: list[torch.Tensor]) -> float:
+    """Distinct token bigrams over all bigrams of ``responses`` (1.0 with no bigram at all)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for r in responses:
+        ids = r.tolist()
+        pairs = list(zip(ids, ids[1:]))
+        seen.update(pairs)
+        total += len(pairs)
+    return len(seen) / total if total else 1.0
 
 
 def _extra_eos(model: Any) -> list[int]:
