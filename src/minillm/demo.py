@@ -126,7 +126,7 @@ def study_configs(out: Path, size: DemoSize, init: Path, data: dict[str, Path], 
                                "seeds": list(size.seeds), "max_examples": size.eval_examples, "batch_size": 32,
                                # ExAccErr where generations are long: the long-answer prompts, each draw
                                # to its EOS (the longest answer is 21 tokens + EOS), 8 draws per prompt
-                               "exposure_bias": True, "exposure_test": "long", "exposure_stop_at_eos": True,
+                               "exposure_bias": True, "exposure_test": "long",
                                "exposure_max_len": 24, "exposure_samples": 8, "exposure_max_prompts": size.exposure_prompts,
                                "out": str(out / "eval")})
     cfgs = {name: config_from_dict(d) for name, d in raw.items()}
