@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,7 @@ from minillm.losses import per_token
 from minillm.models import vocab_logits
 
 __all__ = ["PROTOCOLS", "ExposureCurve", "accumulated_kl", "draw_samples", "ex_acc_err", "exposure_bias",
-           "exposure_curves", "position_kl", "protocol_curve"]
+           "exact_curve", "exposure_curves", "position_kl", "protocol_curve"]
 
 PROTOCOLS = ("fixed_length", "length_fair", "to_eos")
 
@@ -416,3 +416,60 @@ def exposure_bias(
                                 batch_size=batch_size, stop_ids=stop_ids, teacher_samples=reuse, autocast=autocast,
                                 engine=engine)
     return curves[name]
+
+
+def _kl(p_V: np.ndarray, q_V: np.ndarray) -> float:
+    """KL(p || q) in float64, 0 log 0 = 0."""
+    p_V, q_V = np.asarray(p_V, dtype=np.float64), np.asarray(q_V, dtype=np.float64)
+    nz = p_V > 0
+    return float(np.sum(p_V[nz] * (np.log(p_V[nz]) - np.log(q_V[nz]))))
+
+
+def exact_curve(
+    protocol: str,
+    p_next: Callable[[tuple[int, ...]], Sequence[float]],
+    q_next: Callable[[tuple[int, ...]], Sequence[float]],
+    *,
+    stop_ids: Sequence[int],
+    length: int,
+    max_sequences: int = 200_000,
+) -> ExposureCurve:
+    """The exact expectation of ``protocol``'s curve for a small model given by its next-token rules.
+
+    ``p_next(prefix)`` / ``q_next(prefix)`` give the teacher's / student's next-token probabilities
+    ``(V,)`` after a response prefix (a tuple of token ids; the prompt is fixed). Every sequence a
+    draw can be is enumerated - all ``V ** length`` of them for ``fixed_length``, those that stop at
+    their first token of ``stop_ids`` (or reach ``length``) otherwise - with d_t(y) in float64; the
+    student's draws are weighted by q(y), the teacher's by p(y), and :func:`protocol_curve` does the
+    rest, so this checks the same code as the Monte Carlo path. At-risk counts and ``ended_early_*``
+    are then probabilities (at-risk masses), not counts.
+    """
+    stops = set(stop_ids)
+    to_eos = protocol != "fixed_length"
+    seqs: list[tuple[list[float], float, float]] = []  # (d_1..d_|y|, q(y), p(y))
+    early = [0.0, 0.0]
+
+    def walk(prefix: tuple[int, ...], kl: list[float], wq: float, wp: float, ended: bool) -> None:
+        if len(seqs) > max_sequences:
+            raise ValueError(f"more than {max_sequences} sequences: use a smaller vocabulary or length")
+        if len(prefix) == length or (to_eos and prefix and prefix[-1] in stops):
+            seqs.append((kl, wq, wp))
+            if ended:
+                early[0] += wq
+                early[1] += wp
+            return
+        p_V, q_V = np.asarray(p_next(prefix), dtype=np.float64), np.asarray(q_next(prefix), dtype=np.float64)
+        d = _kl(p_V, q_V)
+        for tok in range(len(p_V)):
+            if p_V[tok] == 0 and q_V[tok] == 0:
+                continue
+            # an EOS before the last position means text after the answer follows (fixed_length)
+            now_ended = ended or (tok in stops and len(prefix) < length - 1)
+            walk((*prefix, tok), [*kl, d], wq * q_V[tok], wp * p_V[tok], now_ended)
+
+    walk((), [], 1.0, 1.0, False)
+    kl_N = [np.asarray(k) for k, _, _ in seqs]
+    curve = protocol_curve(protocol, kl_N, kl_N, w_student=[w for _, w, _ in seqs], w_teacher=[w for _, _, w in seqs],
+                           ended_early=(early[0], early[1]) if protocol == "fixed_length" else None,
+                           min_at_risk=1e-300, length=length if protocol == "fixed_length" else None)
+    return curve
