@@ -14,7 +14,8 @@ Stages (each reused on a rerun when its config is unchanged and it finished):
 
 With several whole-pipeline seeds (``--seeds N``, the default study's 3) stages 1-5 run once per
 seed in ``out/seed_S/``, teacher and students retrained, and :mod:`minillm.demo_table` writes the
-summary over the seeds and the README's table (``out/demo_table.md``).
+summary over the seeds and the README's table (``out/demo_table.md``), and ``out/report/`` draws
+every seed's exposure curves together (mean ± std bands, per protocol).
 """
 
 from __future__ import annotations
@@ -172,13 +173,18 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 1
     opts += [] if seeds is None else [f"--seeds {n}"]
     command = " ".join(["minillm demo", *opts])
     summary = demo_table.summarize({s: folders[s] / "eval" for s in ps})
+    if n > 1:  # the exposure curves of every pipeline seed together: mean ± std bands, both protocols
+        from minillm.report import write_report
+
+        write_report([folders[s] / "eval" for s in ps], out / "report")
     machine = None if device in ("auto", "cpu") else device
     block = demo_table.write_outputs(out, summary, command, time.perf_counter() - t0, machine)
     if readme is not None:
         demo_table.update_readme(Path(readme), block)
     if n == 1:
         return tables[0]
-    return f"{block}\nper-seed folders: {', '.join(str(f) for f in folders.values())}\ntable: {out / 'demo_table.md'}"
+    return (f"{block}\nper-seed folders: {', '.join(str(f) for f in folders.values())}\ntable: {out / 'demo_table.md'}\n"
+            f"report over the seeds: {out / 'report' / 'report.html'}")
 
 
 def study_setup(out: Path, dims: DemoSize, name: str, device: str, seed: int) -> tuple[dict[str, Config], dict[str, Path]]:
