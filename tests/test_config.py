@@ -247,3 +247,24 @@ def test_errors_from_overrides_name_the_command_line(tmp_path) -> None:  # type:
     with pytest.raises(UserError, match=r"c\.yaml:3: train\.lr"):
         p.write_text("method: sft\ntrain:\n  lr: abc\n")
         load_config(p)
+
+
+def test_exposure_protocols_default_and_bad_name() -> None:
+    assert Config().eval.exposure_protocols == ["fixed_length", "length_fair"]
+    cfg = config_from_dict({"eval": {"exposure_protocols": ["to_eos"]}})
+    assert cfg.eval.exposure_protocols == ["to_eos"]
+    with pytest.raises(UserError) as e:
+        config_from_dict({"eval": {"exposure_protocols": ["fixed_length", "fair"]}})
+    msg = str(e.value)
+    assert msg.startswith("eval.exposure_protocols: unknown protocol 'fair'") and "length_fair" in msg and "to_eos" in msg
+    with pytest.raises(UserError, match="names a protocol twice"):
+        config_from_dict({"eval": {"exposure_protocols": ["to_eos", "to_eos"]}})
+
+
+def test_old_exposure_stop_at_eos_key_says_what_to_use(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "eval:\n  exposure_bias: true\n  exposure_stop_at_eos: true\n")
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"{path}:3:" in msg and "eval.exposure_stop_at_eos was removed" in msg
+    assert "eval.exposure_protocols" in msg and "[to_eos] for true" in msg

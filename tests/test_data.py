@@ -475,4 +475,15 @@ def test_demo_task_is_deterministic_with_three_kinds_and_a_long_subset(tmp_path:
     mean_words = lambda kind: sum(len(r["response"].split()) for r in train if r["kind"] == kind) / sum(  # noqa: E731
         r["kind"] == kind for r in train)
     assert mean_words("long") > 2 * mean_words("exact")
+    # long answers: 65-81 tokens (words and commas), each list ending at a word its prompt names
+    from minillm.data.task import corpus_texts
+    from minillm.tiny import build_word_tokenizer
+
+    tok = build_word_tokenizer(corpus_texts())
+    sizes = [len(tok(r["response"])["input_ids"]) for r in train if r["kind"] == "long"]
+    assert min(sizes) >= 65 and max(sizes) <= 81
+    assert all(tok.unk_token_id not in tok(r["instruction"])["input_ids"] for r in train if r["kind"] == "long")
+    four = [r for r in make_examples(40, 9, long_rounds=4) if r["kind"] == "long"]
+    assert four and all(r["instruction"].endswith("Say it four times.") for r in four)
+    assert all(263 <= len(tok(r["response"])["input_ids"]) <= 327 for r in four)
     assert make_examples(5, 9) == make_examples(5, 9)

@@ -58,3 +58,28 @@ def test_every_study_size_builds_valid_configs(size: str, tmp_path: Path) -> Non
     assert cfgs["minillm"].student.path.endswith("sft/best")  # MiniLLM starts from the SFT student
     assert cfgs["kd"].student.path == cfgs["sft"].student.path == cfgs["seqkd"].student.path  # one start
     assert set(cfgs["eval"].eval.models) == {"teacher", "sft", "kd", "seqkd", "minillm"}
+
+
+def test_demo_over_pipeline_seeds_writes_table_and_report_with_bands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several pipeline seeds (the pipeline itself replaced by fake evaluations): the table has both
+    exposure protocols and the report over the seeds draws their curves together."""
+    import minillm.demo as demo
+    from test_demo_table import fake_results
+
+    def fake_pipeline(out: Path, dims: object, name: str, device: str, seed: int, progress: object = None) -> str:
+        rouge = {"teacher": 95, "sft": 68, "kd": 71, "seqkd": 69, "minillm": 79 - seed % 2}
+        exacc = {"teacher": 0, "sft": 70, "kd": 66, "seqkd": 77, "minillm": 50 + 20 * (seed % 2)}
+        (out / "eval").mkdir(parents=True)
+        (out / "eval" / "results.json").write_text(json.dumps(fake_results(rouge, exacc)))
+        return "table"
+
+    monkeypatch.setattr(demo, "run_pipeline", fake_pipeline)
+    printed = demo.run_demo(tmp_path / "demo", seeds=2)
+    block = (tmp_path / "demo" / "demo_table.md").read_text()
+    parsed = parse_block(block)
+    assert "ExAccErr FL(24) %" in parsed["header"] and "ExAccErr LF(2) %" in parsed["header"]
+    assert any(c.startswith("ExAccErr LF(2) %: MiniLLM's excess error is") for c in parsed["conclusions"])
+    md = (tmp_path / "demo" / "report" / "report.md").read_text()
+    assert "Exposure bias over 2 evaluations, fixed_length" in md and "Exposure bias over 2 evaluations, length_fair" in md
+    assert (tmp_path / "demo" / "report" / "exposure_length_fair_over_00.png").is_file()
+    assert "report over the seeds:" in printed

@@ -210,9 +210,16 @@ def test_run_eval_two_models_with_exposure_calibration_and_judge(tiny_task: dict
         assert results["summary"][model]["vicuna"]["judge"]["mean"] == pytest.approx(80.0)  # single mode: 8 x 10
         curve = results["exposure_bias"][model]
         assert curve["lengths"] == [1, 2, 3, 4] and len(curve["ex_acc_err"]) == len(curve["R"]) == len(curve["eps"]) == 4
+        # both default protocols, each in its own section; the first is also exposure_bias
+        fixed, fair = (results["exposure_by_protocol"][p][model] for p in ("fixed_length", "length_fair"))
+        assert fixed == curve and fixed["protocol"] == "fixed_length" and fair["protocol"] == "length_fair"
+        assert 0 <= fixed["ended_early_student"] <= 2 and 0 <= fixed["ended_early_teacher"] <= 2
+        assert len(fair["at_risk_student"]) == len(fair["kl_student"]) == len(fair["lengths"]) <= 4
         cal = results["calibration"][model]
         assert cal["n"] == 3 and len(cal["bins"]) == 5 and 0.0 <= cal["ece"] <= 1.0
     assert results["exposure_bias"]["teacher"]["ex_acc_err"] == [0.0] * 4  # the teacher against itself
+    assert results["exposure_settings"]["protocols"] == ["fixed_length", "length_fair"]
+    assert "Exposure bias, fixed_length" in table and "Exposure bias, length_fair" in table
     # the seeds differ: responses are not copies of each other
     r10 = (out / "responses" / "student" / "task" / "seed10.jsonl").read_text()
     assert r10 != (out / "responses" / "student" / "task" / "seed20.jsonl").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -219,13 +220,15 @@ def test_report_of_a_real_tiny_run_and_its_evaluation(tiny_task: dict[str, Path]
     run_eval(config_from_dict(tiny_config_dict(
         tiny_task, run, eval={"models": {"student": str(run / "final")}, "test": {"task": str(tiny_task["test"])},
                               "seeds": [1, 2], "max_examples": 4, "exposure_bias": True, "exposure_samples": 1,
-                              "exposure_max_prompts": 2, "calibration": str(choices), "calibration_bins": 4},
+                              "exposure_max_prompts": 2, "exposure_min_at_risk": 1, "calibration": str(choices), "calibration_bins": 4},
         generation={"max_new_tokens": 8})))
 
     path = write_report([run], None)  # the run folder, its eval/ found inside
     page, md = path.read_text(), (run / "report" / "report.md").read_text()
     imgs = _img_sources(page)
-    assert imgs == ["curves_00_run.png", "exposure_bias_00_eval.png", "calibration_00_eval.png"]
+    # both default exposure protocols, each its own figure (ExAccErr beside R and eps)
+    assert imgs == ["curves_00_run.png", "exposure_fixed_length_00_eval.png", "exposure_length_fair_00_eval.png",
+                    "calibration_00_eval.png"]
     assert all((run / "report" / f).is_file() for f in imgs)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert f"{rows[-1]['valid_loss']:.4f}" in md and "method: minillm" in md
@@ -268,3 +271,52 @@ def test_report_renders_in_headless_chromium(study: Path, tmp_path: Path) -> Non
     assert body is not None
     assert f'data-images-total="{n}"' in body.group(0) and f'data-images-loaded="{n}"' in body.group(0), body.group(0)
     assert 'data-images-ok="true"' in body.group(0)
+
+
+def _protocol_results(shift: float) -> dict:
+    """A results.json with both exposure protocols (the runner's curve writer), MiniLLM's R raised by ``shift``."""
+    from minillm.eval.exposure import protocol_curve
+
+    def curves(protocol: str) -> dict:
+        out = {}
+        for model, extra in (("sft", 0.0), ("minillm", shift)):
+            kq = [np.array([0.2, 0.3 + extra, 0.4 + extra, 0.5]), np.array([0.2, 0.3 + extra, 0.4 + extra, 0.5])]
+            kp = [np.array([0.2, 0.25, 0.3, 0.35])] * 2
+            if protocol == "length_fair":
+                kq = [kq[0], kq[1][:2]]
+            out[model] = protocol_curve(protocol, kq, kp, ended_early=(1.0, 0.0) if protocol == "fixed_length" else None,
+                                        length=4 if protocol == "fixed_length" else None).to_dict()
+        return out
+
+    return {"summary": RESULTS["summary"], "exposure_by_protocol": {p: curves(p) for p in ("fixed_length", "length_fair")},
+            "exposure_bias": curves("fixed_length"),
+            "exposure_settings": {"test_set": "long", "prompts": 2, "samples": 1, "max_new_tokens": 4,
+                                  "protocols": ["fixed_length", "length_fair"], "seed": 10}}
+
+
+def test_exposure_protocols_per_evaluation_and_over_pipeline_seeds(tmp_path: Path) -> None:
+    evs = []
+    for seed, shift in ((10, 0.1), (11, 0.3)):
+        ev = tmp_path / f"seed_{seed}" / "eval"
+        ev.mkdir(parents=True)
+        (ev / "results.json").write_text(json.dumps(_protocol_results(shift)))
+        evs.append(ev)
+    path = write_report(evs, tmp_path / "report")
+    page, md = path.read_text(), (tmp_path / "report" / "report.md").read_text()
+    imgs = _img_sources(page)
+    assert imgs == ["exposure_fixed_length_00_seed_10_eval.png", "exposure_length_fair_00_seed_10_eval.png",
+                    "exposure_fixed_length_01_seed_11_eval.png", "exposure_length_fair_01_seed_11_eval.png",
+                    "exposure_fixed_length_over_00.png", "exposure_length_fair_over_00.png"]
+    assert all((tmp_path / "report" / f).read_bytes()[:4] == b"\x89PNG" for f in imgs)
+    # per evaluation: R and eps beside the ratio, the early-EOS and at-risk counts
+    R = 0.2 + 0.4 + 0.5 + 0.5  # seed 10, MiniLLM, fixed-length at l = 4
+    eps = 0.2 + 0.25 + 0.3 + 0.35
+    assert f"| minillm | 4 | {(R - eps) / eps * 100:.2f} | {R:.4f} | {eps:.4f} | 1 of 2 | 0 of 2 |" in md
+    # length-fair: one student draw stopped at 2, so one of two runs at l = 4; the mean there is the same
+    assert f"| sft | 4 | {(1.4 - eps) / eps * 100:.2f} | 1.4000 | {eps:.4f} | 1 of 2 | 2 of 2 |" in md
+    # over the two seeds: mean ± sample std at l_max
+    R2 = 0.2 + 0.6 + 0.7 + 0.5  # seed 11
+    errs = [(R - eps) / eps * 100, (R2 - eps) / eps * 100]
+    assert "Exposure bias over 2 evaluations, fixed_length" in md and "Exposure bias over 2 evaluations, length_fair" in md
+    want = f"| minillm | 2 | 4 | {statistics.fmean(errs):.2f} ± {statistics.stdev(errs):.2f} | {(R + R2) / 2:.4f} ± "
+    assert want in md

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "configs" / "sweeps"
 # the demo at its smallest: a 1-layer teacher, 4 MiniLLM steps (one rollout phase), 2 sampling seeds
-TINY = DemoSize(120, 8, 30, (1, 32), (1, 24), 30, 6, 4, 16, (10, 20), 30, 8, 1)
+TINY = DemoSize(120, 8, 30, (1, 32), (1, 24), 30, 6, 4, 16, (10, 20), 30, 8, 1, max_new_tokens=48, max_len=112)  # short generations: a smoke test
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:

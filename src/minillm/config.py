@@ -325,7 +325,8 @@ class EvalConfig:
     exposure_samples: int = 4  # samples per prompt for ExAccErr
     exposure_max_prompts: int = 50  # prompts used for ExAccErr
     exposure_max_len: int | None = None  # generation length l_max; default generation.max_new_tokens
-    exposure_stop_at_eos: bool = False  # default: fixed-length samples (every sample counts at every l)
+    exposure_protocols: list[str] = field(default_factory=lambda: ["fixed_length", "length_fair"])  # fixed_length, length_fair, to_eos (minillm.eval.exposure)
+    exposure_min_at_risk: int = 10  # length_fair: the curve ends where fewer draws of either model are still running
     exposure_test: str | None = None  # test set whose prompts are used; default the first of eval.test
     calibration: str | None = None  # JSONL of {prompt, choices, answer} for ECE
     calibration_bins: int = 10  # equal-width confidence bins for ECE
@@ -350,6 +351,13 @@ class EvalConfig:
         _check(self.exposure_max_prompts >= 1, "eval.exposure_max_prompts", "must be >= 1")
         _check(self.exposure_max_len is None or self.exposure_max_len >= 1, "eval.exposure_max_len", "must be positive or null")
         _check(self.calibration_bins >= 1, "eval.calibration_bins", "must be >= 1")
+        protocols = ("fixed_length", "length_fair", "to_eos")
+        _check(len(self.exposure_protocols) >= 1, "eval.exposure_protocols", f"needs at least one of {protocols}")
+        for name in self.exposure_protocols:
+            _check(name in protocols, "eval.exposure_protocols", f"unknown protocol {name!r}; choose from {protocols}")
+        _check(len(set(self.exposure_protocols)) == len(self.exposure_protocols), "eval.exposure_protocols",
+               f"names a protocol twice: {self.exposure_protocols}")
+        _check(self.exposure_min_at_risk >= 1, "eval.exposure_min_at_risk", "must be >= 1")
         _check(self.exposure_test is None or self.exposure_test in self.test, "eval.exposure_test",
                f"must name one of the test sets in eval.test {sorted(self.test)}")
 
@@ -500,6 +508,13 @@ def _loc(lines: dict[str, int | str], key: str, source: str) -> str:
     return f"{source}: " if source else ""
 
 
+# keys of older configs, with what to write instead (a clear error rather than a silent mapping)
+REMOVED_KEYS = {
+    "eval.exposure_stop_at_eos": "use eval.exposure_protocols instead ([to_eos] for true, [fixed_length] for false; "
+                                 "default [fixed_length, length_fair])",
+}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str, lines: dict[str, int | str], source: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -507,6 +522,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str, lines: dict[str, int 
     for k, v in values.items():
         dotted = f"{prefix}{k}"
         loc = _loc(lines, dotted, source)
+        if dotted in REMOVED_KEYS:
+            raise UserError(f"{loc}{dotted} was removed: {REMOVED_KEYS[dotted]}")
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {sorted(fields)}"

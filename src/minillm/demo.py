@@ -14,7 +14,8 @@ Stages (each reused on a rerun when its config is unchanged and it finished):
 
 With several whole-pipeline seeds (``--seeds N``, the default study's 3) stages 1-5 run once per
 seed in ``out/seed_S/``, teacher and students retrained, and :mod:`minillm.demo_table` writes the
-summary over the seeds and the README's table (``out/demo_table.md``).
+summary over the seeds and the README's table (``out/demo_table.md``), and ``out/report/`` draws
+every seed's exposure curves together (mean ± std bands, per protocol).
 """
 
 from __future__ import annotations
@@ -47,22 +48,27 @@ class DemoSize:
     eval_examples: int
     exposure_prompts: int
     pipeline_seeds: int  # whole-pipeline repetitions (teacher and students retrained)
+    long_rounds: int = 1  # long answers repeated this many times (1: 65-81 tokens; data.task)
+    exposure_len: int = 64  # l_max of exposure bias: the shortest long answer, so EOS before it is rare
+    max_new_tokens: int = 96  # room for the longest answer and its EOS
+    max_len: int = 160  # the longest prompt (47 tokens) + max_new_tokens
 
 
 # quick and default are sized for 2 CPU cores (about 35 s, and 3 x 80 s); large is for a GPU
 QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100, 32, 1)
 FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300, 64, 3)
-LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300, 90, 3)
+LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300, 90, 3,
+                 long_rounds=4, exposure_len=256, max_new_tokens=336, max_len=400)  # long answers 263-327 tokens
 SIZES = {"quick": QUICK, "default": FULL, "large": LARGE}
 
 
 def _base(out: Path, data: dict[str, Path], device: str, seed: int, size: DemoSize) -> dict[str, Any]:
     return {
         "seed": seed,
-        "data": {"train": str(data["train"]), "valid": str(data["valid"]), "max_prompt_len": 64, "max_len": 128},
+        "data": {"train": str(data["train"]), "valid": str(data["valid"]), "max_prompt_len": 64, "max_len": size.max_len},
         "train": {"device": device, "warmup": 20, "batch_size": 32, "grad_accum": 1, "eval_batch_size": 50,
                   "eval_max_examples": size.n_valid, "keep_last": 1, "progress": True},
-        "generation": {"max_new_tokens": 48},
+        "generation": {"max_new_tokens": size.max_new_tokens},
     }
 
 
@@ -124,10 +130,11 @@ def study_configs(out: Path, size: DemoSize, init: Path, data: dict[str, Path], 
     raw["eval"] = _merge(base, output_dir=str(out), teacher={"path": str(teacher)},
                          eval={"models": models, "test": {"task": str(data["test"]), "long": str(data["test_long"])},
                                "seeds": list(size.seeds), "max_examples": size.eval_examples, "batch_size": 32,
-                               # ExAccErr where generations are long: the long-answer prompts, each draw
-                               # to its EOS (the longest answer is 21 tokens + EOS), 8 draws per prompt
-                               "exposure_bias": True, "exposure_test": "long", "exposure_stop_at_eos": True,
-                               "exposure_max_len": 24, "exposure_samples": 8, "exposure_max_prompts": size.exposure_prompts,
+                               # ExAccErr where generations are long: the long-answer prompts (65-81
+                               # tokens + EOS), 8 draws per prompt, both protocols; l_max = the shortest
+                               # answer, so a fixed-length draw that ends before it is a wrong early stop
+                               "exposure_bias": True, "exposure_test": "long", "exposure_protocols": ["fixed_length", "length_fair"],
+                               "exposure_max_len": size.exposure_len, "exposure_samples": 8, "exposure_max_prompts": size.exposure_prompts,
                                "out": str(out / "eval")})
     cfgs = {name: config_from_dict(d) for name, d in raw.items()}
     for name in ("teacher", "sft", "kd", "seqkd", "minillm"):
@@ -166,13 +173,18 @@ def run_demo(out: Path, quick: bool = False, device: str = "auto", seed: int = 1
     opts += [] if seeds is None else [f"--seeds {n}"]
     command = " ".join(["minillm demo", *opts])
     summary = demo_table.summarize({s: folders[s] / "eval" for s in ps})
+    if n > 1:  # the exposure curves of every pipeline seed together: mean ± std bands, both protocols
+        from minillm.report import write_report
+
+        write_report([folders[s] / "eval" for s in ps], out / "report")
     machine = None if device in ("auto", "cpu") else device
     block = demo_table.write_outputs(out, summary, command, time.perf_counter() - t0, machine)
     if readme is not None:
         demo_table.update_readme(Path(readme), block)
     if n == 1:
         return tables[0]
-    return f"{block}\nper-seed folders: {', '.join(str(f) for f in folders.values())}\ntable: {out / 'demo_table.md'}"
+    return (f"{block}\nper-seed folders: {', '.join(str(f) for f in folders.values())}\ntable: {out / 'demo_table.md'}\n"
+            f"report over the seeds: {out / 'report' / 'report.html'}")
 
 
 def study_setup(out: Path, dims: DemoSize, name: str, device: str, seed: int) -> tuple[dict[str, Config], dict[str, Path]]:
@@ -181,7 +193,7 @@ def study_setup(out: Path, dims: DemoSize, name: str, device: str, seed: int) ->
     from minillm.data.task import corpus_texts, write_task
     from minillm.tiny import build_word_tokenizer, save_pair, tiny_gpt2
 
-    data = write_task(out / "data", seed, dims.n_train, dims.n_valid, dims.n_test)
+    data = write_task(out / "data", seed, dims.n_train, dims.n_valid, dims.n_test, long_rounds=dims.long_rounds)
     tok = build_word_tokenizer(corpus_texts())
     init = out / "models" / name
     if not (init / "student" / "config.json").exists():

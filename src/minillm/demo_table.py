@@ -39,10 +39,18 @@ COLUMNS: dict[str, tuple[str, int, int]] = {
     "task/dist_4": ("Dist-4", 2, 0),
     "task/lm_loss": ("LM loss", 3, -1),
     "long/rouge_l": ("Rouge-L (long)", 2, 1),
-    "exposure/ex_acc_err": ("ExAccErr(l) %", 1, -1),
-    "exposure/R": ("R(l)", 2, -1),
-    "exposure/eps": ("eps(l)", 2, -1),
+    # exposure bias under both protocols (minillm.eval.exposure): fixed-length draws at l = l_max, with
+    # the share of the student's draws that sampled EOS before l_max; length-fair at the longest l
+    # every model's curve reaches in every pipeline seed
+    "fixed_length/ex_acc_err": ("ExAccErr FL(l) %", 1, -1),
+    "fixed_length/R": ("R FL(l)", 2, -1),
+    "fixed_length/eps": ("eps FL(l)", 2, -1),
+    "fixed_length/early": ("early EOS FL %", 1, 0),
+    "length_fair/ex_acc_err": ("ExAccErr LF(lf) %", 1, -1),
+    "length_fair/R": ("R LF(lf)", 2, -1),
+    "length_fair/eps": ("eps LF(lf)", 2, -1),
 }
+PROTOCOL_LABELS = {"fixed_length": "FL", "length_fair": "LF"}
 PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "safetensors")
 _CELL = re.compile(r"^(\*\*)?-?\d+\.\d+( ± \d+\.\d+)?(\*\*)?$|^n/a$")
 
@@ -51,17 +59,42 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def seed_values(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """One pipeline seed's figures: model -> column key -> value (mean over the sampling seeds;
-    the exposure columns at the longest length every sample reached, l_max)."""
+def _protocol_curves(results: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """{model: curve} of one protocol; a results.json from before the protocols held only
+    ``exposure_bias`` (fixed-length draws unless its settings say they stopped at EOS)."""
+    by = results.get("exposure_by_protocol")
+    if isinstance(by, dict):
+        return by.get(protocol) or {}
+    old = results.get("exposure_bias") or {}
+    stopped = (results.get("exposure_settings") or {}).get("stop_at_eos", False)
+    return old if protocol == ("to_eos" if stopped else "fixed_length") else {}
+
+
+def fair_length(results: dict[str, Any]) -> int | None:
+    """The longest l that every model's length_fair curve of one results.json reaches."""
+    ends = [len(c.get("lengths") or []) for c in _protocol_curves(results, "length_fair").values()]
+    return min(ends) if ends else None
+
+
+def seed_values(results: dict[str, Any], l_fair: int | None = None) -> dict[str, dict[str, float | None]]:
+    """One pipeline seed's figures: model -> column key -> value (mean over the sampling seeds; the
+    fixed-length columns at l_max, the length-fair ones at ``l_fair``, default the longest l every
+    model's curve reaches)."""
     out: dict[str, dict[str, float | None]] = {}
+    l_fair = l_fair if l_fair is not None else fair_length(results)
     for model in results.get("summary", {}):
         row: dict[str, float | None] = {}
         for key in COLUMNS:
             part, metric = key.split("/")
-            if part == "exposure":
-                curve = (results.get("exposure_bias") or {}).get(model)
-                v = curve[metric][-1] if curve and curve.get(metric) else None
+            v: Any = None
+            if part in PROTOCOL_LABELS:
+                curve = _protocol_curves(results, part).get(model)
+                at = len(curve.get("lengths") or []) if curve and part == "fixed_length" else (l_fair or 0)
+                if curve and metric == "early":
+                    early = curve.get("ended_early_student")
+                    v = 100.0 * early / curve["n_samples"] if _finite(early) and curve.get("n_samples") else None
+                elif curve and at and len(curve.get(metric) or []) >= at:
+                    v = curve[metric][at - 1]
             else:
                 cell = results["summary"][model].get(part, {}).get(metric)
                 v = cell["mean"] if cell else None
@@ -75,12 +108,16 @@ def summarize(eval_dirs: dict[int, Path]) -> dict[str, Any]:
     per_seed: dict[str, dict[str, dict[str, float | None]]] = {}
     l_max = None
     results: dict[str, Any] = {}
+    loaded: dict[int, dict[str, Any]] = {}
     for seed, d in sorted(eval_dirs.items()):
         path = Path(d) / "results.json"
         if not path.is_file():
             raise UserError(f"{path}: missing; run the demo's evaluation for pipeline seed {seed} first")
-        results = json.loads(path.read_text())
-        per_seed[str(seed)] = seed_values(results)
+        loaded[seed] = json.loads(path.read_text())
+    fair = [x for x in (fair_length(r) for r in loaded.values()) if x is not None]
+    l_fair = min(fair) if fair else None  # one length for every seed: values at one l are comparable
+    for seed, results in loaded.items():
+        per_seed[str(seed)] = seed_values(results, l_fair)
         l_max = (results.get("exposure_settings") or {}).get("max_new_tokens", l_max)
     models = [m for m in MODELS if all(m in v for v in per_seed.values())]
     stats: dict[str, dict[str, dict[str, float] | None]] = {}
@@ -88,7 +125,7 @@ def summarize(eval_dirs: dict[int, Path]) -> dict[str, Any]:
         stats[m] = {}
         for key in COLUMNS:
             part, metric = key.split("/")
-            if len(per_seed) == 1 and part != "exposure":  # one pipeline seed: the spread over sampling seeds
+            if len(per_seed) == 1 and part not in PROTOCOL_LABELS:  # one pipeline seed: the spread over sampling seeds
                 stats[m][key] = results["summary"][m].get(part, {}).get(metric)
                 continue
             vals = [v[m][key] for v in per_seed.values()]
@@ -97,17 +134,55 @@ def summarize(eval_dirs: dict[int, Path]) -> dict[str, Any]:
                 continue
             xs = [float(x) for x in vals]  # type: ignore[arg-type]
             stats[m][key] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)}
-    return {"pipeline_seeds": [int(s) for s in per_seed], "l_max": l_max, "per_seed": per_seed, "stats": stats,
-            "conclusions": conclusions(per_seed, l_max)}
+    return {"pipeline_seeds": [int(s) for s in per_seed], "l_max": l_max, "l_fair": l_fair, "per_seed": per_seed,
+            "stats": stats, "conclusions": conclusions(per_seed, l_max, l_fair) + exposure_conclusions(per_seed, l_max, l_fair)}
 
 
-def conclusions(per_seed: dict[str, dict[str, dict[str, float | None]]], l_max: int | None = None) -> list[str]:
+def _title(title: str, l_max: int | None, l_fair: int | None) -> str:
+    title = title.replace("(lf)", f"({l_fair})" if l_fair else "(l)")
+    return title.replace("(l)", f"({l_max})") if l_max else title
+
+
+def exposure_conclusions(per_seed: dict[str, dict[str, dict[str, float | None]]], l_max: int | None = None,
+                         l_fair: int | None = None) -> list[str]:
+    """Per protocol, MiniLLM's ExAccErr against each baseline, counted over the pipeline seeds,
+    and whether a difference in ExAccErr comes with a higher R (own prefixes) or a lower eps (the
+    teacher's prefixes) - stated whatever the counts are."""
+    n = len(per_seed)
+    lines = []
+    for protocol, short in PROTOCOL_LABELS.items():
+        key = f"{protocol}/ex_acc_err"
+        title = _title(COLUMNS[key][0], l_max, l_fair)
+        rows = [v for v in per_seed.values() if "minillm" in v and v["minillm"].get(key) is not None]
+        if len(rows) < n or not rows:
+            continue
+        parts, r_lower, eps_lower = [], 0, 0
+        for base in ("sft", "kd", "seqkd"):
+            pairs = [(v["minillm"][key], v[base][key]) for v in rows if base in v and v[base].get(key) is not None]
+            if len(pairs) == n:
+                parts.append(f"below {LABELS[base]} in {sum(a < b for a, b in pairs)} of {n}")  # type: ignore[operator]
+        for v in rows:
+            base = [b for b in ("sft", "kd", "seqkd") if b in v]
+            if not base:
+                continue
+            r_mean = statistics.fmean(float(v[b][f"{protocol}/R"] or 0.0) for b in base)
+            eps_mean = statistics.fmean(float(v[b][f"{protocol}/eps"] or 0.0) for b in base)
+            r_lower += (v["minillm"][f"{protocol}/R"] or 0.0) < r_mean
+            eps_lower += (v["minillm"][f"{protocol}/eps"] or 0.0) < eps_mean
+        if parts:
+            lines.append(f"{title}: MiniLLM's excess error is {', '.join(parts)} pipeline seeds; its R {short} is below "
+                         f"the baselines' mean in {r_lower} of {n}, its eps {short} in {eps_lower} of {n}.")
+    return lines
+
+
+def conclusions(per_seed: dict[str, dict[str, dict[str, float | None]]], l_max: int | None = None,
+                l_fair: int | None = None) -> list[str]:
     """Where MiniLLM ranks among the students, per column, counted over the pipeline seeds; a
     sentence says "every" only when it holds in every seed (a tie for first or last counts)."""
     n = len(per_seed)
     lines = []
     for key, (title, _, direction) in COLUMNS.items():
-        title = title.replace("(l)", f"({l_max})") if l_max else title
+        title = _title(title, l_max, l_fair)
         first = last = 0
         for vals in per_seed.values():
             xs = {s: vals[s][key] for s in STUDENTS if s in vals and vals[s][key] is not None}
@@ -153,17 +228,16 @@ def _cell(stat: dict[str, float] | None, digits: int, bold: bool) -> str:
     return f"**{text}**" if bold else text
 
 
-def table_header(l_max: int | None) -> list[str]:
-    """The table's column titles (``l`` replaced by the exposure length)."""
-    lbl = str(l_max) if l_max else "l"
-    return ["model"] + [title.replace("(l)", f"({lbl})") for title, _, _ in COLUMNS.values()]
+def table_header(l_max: int | None, l_fair: int | None = None) -> list[str]:
+    """The table's column titles (``l`` replaced by the exposure lengths)."""
+    return ["model"] + [_title(title, l_max, l_fair) for title, _, _ in COLUMNS.values()]
 
 
 def readme_block(summary: dict[str, Any], command: str, seconds: float | None, machine: str | None = None) -> str:
     """The README's demo block: caption, table (best student per column in bold), conclusions."""
-    stats, l_max = summary["stats"], summary["l_max"]
+    stats, l_max, l_fair = summary["stats"], summary["l_max"], summary.get("l_fair")
     seeds = summary["pipeline_seeds"]
-    header = table_header(l_max)
+    header = table_header(l_max, l_fair)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     best: dict[str, set[str]] = {}
     for key, (_, digits, direction) in COLUMNS.items():
@@ -181,7 +255,9 @@ def readme_block(summary: dict[str, Any], command: str, seconds: float | None, m
                + (f"{len(seeds)} whole-pipeline seeds ({', '.join(map(str, seeds))}: teacher and students retrained), "
                   "each cell of a seed itself the mean over the sampling seeds"
                   if len(seeds) > 1 else f"the sampling seeds of pipeline seed {seeds[0]}")
-               + f"; exposure bias at l = {l_max} on the long-answer prompts; bold: the best student per column.")
+               + f"; exposure bias on the long-answer prompts, fixed-length (FL) at l = {l_max} with the share of the "
+               "student's draws that sampled EOS before it, length-fair (LF) at l = "
+               + f"{l_fair if l_fair else 'n/a'}; bold: the best student per column.")
     body = [caption, "", *lines, "", "What holds across the pipeline seeds (computed by the same command):", ""]
     body += [f"- {c}" for c in summary["conclusions"]]
     return "\n".join(body) + "\n"

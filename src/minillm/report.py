@@ -4,7 +4,9 @@ Inputs (each section appears only when its data exists):
 
 * a **run folder** (``output_dir`` of ``minillm train``): ``config.yaml``, ``metrics.jsonl``,
   ``summary.json``, and maybe ``eval/`` (an evaluation folder) and ``toy/`` (a toy folder);
-* an **evaluation folder** (``minillm eval``): ``results.json``;
+* an **evaluation folder** (``minillm eval``): ``results.json``; its exposure curves are drawn per
+  protocol, ExAccErr(l) beside R(l) and eps(l), and several evaluations of the same exposure settings
+  (say, one per whole-pipeline seed of ``minillm demo``) also together, as mean ± std bands;
 * a **toy folder** (``minillm toy``): ``toy.json`` and ``toy.png``;
 * a **sweep folder** (``minillm sweep``): ``sweep.json`` and its run folders (``<sweep>/<run>/``,
   each with ``eval/``): the sweep section (the ablation table in the paper's layout, metric-vs-value
@@ -25,6 +27,7 @@ import platform
 import re
 import shutil
 import statistics
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 import yaml
 
 from minillm.errors import UserError
@@ -492,6 +496,45 @@ def plot_exposure_bias(curves: dict[str, tuple[list[float], list[float], Any]], 
     fig.savefig(path)
 
 
+def _curve_band(curves: list[dict[str, Any]], key: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Lengths, mean and std over ``curves`` of ``key`` on the lengths every curve has (NaN-aware)."""
+    n = min(len(c.get("lengths") or []) for c in curves)
+    vals = np.array([[np.nan if not _finite(x) else float(x) for x in (c.get(key) or [])[:n]] for c in curves], dtype=float)
+    if vals.size == 0 or vals.shape[1] < n:
+        return [], np.array([]), np.array([])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a length where every value is NaN stays NaN
+        mean = np.nanmean(vals, axis=0)
+        std = np.nanstd(vals, axis=0, ddof=1) if len(curves) > 1 else np.zeros(n)
+    return list(range(1, n + 1)), mean, np.nan_to_num(std)
+
+
+def plot_exposure_protocol(per_model: dict[str, list[dict[str, Any]]], protocol: str, path: Path) -> None:
+    """One protocol's exposure curves: ExAccErr(l) beside R(l) and eps(l), one line per model; with
+    several curves per model (pipeline seeds) the line is their mean and the band mean ± std."""
+    fig = _figure(14, 4)
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    titles = {"ex_acc_err": "ExAccErr(l) (%)", "R": "R(l): student's own draws", "eps": "eps(l): teacher's draws"}
+    for model, curves in per_model.items():
+        for ax, key in zip(axes, titles):
+            xs, mean, std = _curve_band(curves, key)
+            if not xs:
+                continue
+            (line,) = ax.plot(xs, mean, lw=1.4, label=model if len(curves) == 1 else f"{model} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.18, lw=0)
+    for ax, (key, title) in zip(axes, titles.items()):
+        ax.set_xlabel("generation length l (tokens)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if key == "ex_acc_err":
+            ax.axhline(0.0, color="0.5", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Exposure bias, {protocol} protocol", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def plot_calibration(models: dict[str, dict[str, Any]], path: Path) -> None:
     """Reliability diagrams: per confidence bin (its ``lo``/``hi`` edges, else equal widths), accuracy
     (bars) against mean confidence (outline); the diagonal is perfect calibration. Empty bins stay blank."""
@@ -628,6 +671,87 @@ def _exposure(ev: EvalSource, warnings: list[str]) -> dict[str, tuple[list[float
         if pts:
             curves[str(model)] = ([p[0] for p in pts], [p[1] for p in pts], data)
     return curves
+
+
+PROTOCOL_CAPTIONS = {
+    "fixed_length": "fixed-length draws (EOS ignored to l_max): ExAccErr(l) = (R(l) - eps(l)) / eps(l) x 100 beside "
+                    "R(l) = E_{y~q} sum_{t<=l} KL(p||q) and eps(l), the same over y ~ p",
+    "length_fair": "draws to EOS: R(l) = sum_{t<=l} of the mean KL(p||q) at t over the student's draws still running, "
+                   "eps(l) likewise over the teacher's; a difference in length alone adds nothing",
+    "to_eos": "draws to EOS, an ended draw keeping its sum: longer answers add more terms",
+}
+
+
+def _protocol_extra_header(protocol: str) -> list[str]:
+    return {"fixed_length": ["student draws ended early", "teacher draws ended early"],
+            "length_fair": ["student draws at risk at l", "teacher draws at risk at l"]}.get(protocol, [])
+
+
+def _protocol_extra(protocol: str, c: dict[str, Any]) -> list[str]:
+    keys = {"fixed_length": ("ended_early_student", "ended_early_teacher"),
+            "length_fair": ("at_risk_student", "at_risk_teacher")}.get(protocol, ())
+    out = []
+    for k in keys:
+        v = c.get(k)
+        v = _last(v) if isinstance(v, list) else v
+        out.append(f"{_num(v, '.0f')} of {c.get('n_samples', '?')}")
+    return out
+
+
+def _exposure_protocols(ev: EvalSource, warnings_out: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``exposure_by_protocol`` of one evaluation: protocol -> model -> curve, the curves that can be
+    drawn (equal-length, non-empty lists); the others named in the warnings."""
+    section = ev.results.get("exposure_by_protocol")
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    if not isinstance(section, dict):
+        return out
+    for protocol, models in section.items():
+        if not isinstance(models, dict):
+            continue
+        for model, c in models.items():
+            n = len(c.get("lengths") or []) if isinstance(c, dict) else 0
+            if isinstance(c, dict) and c.get("lengths") == [] and protocol == "length_fair":
+                warnings_out.append(f"{ev.path / 'results.json'}: exposure_by_protocol.{protocol}.{model}: no length "
+                                    "where enough draws of both models were still running (eval.exposure_min_at_risk)")
+                continue
+            if not n or any(len(c.get(k) or []) != n for k in ("ex_acc_err", "R", "eps")):
+                warnings_out.append(f"{ev.path / 'results.json'}: exposure_by_protocol.{protocol}.{model} has no "
+                                    "equal-length, non-empty 'lengths', 'ex_acc_err', 'R', 'eps' lists; left out of the plot")
+                continue
+            out.setdefault(str(protocol), {})[str(model)] = c
+    return out
+
+
+def _exposure_over_evals(doc: Doc, evals: list[EvalSource], out: Path) -> None:
+    """Evaluations of the same exposure settings (say, one per whole-pipeline seed) drawn together:
+    per protocol, mean ± std over the evaluations, with R and eps beside the ratio."""
+    groups: dict[str, list[EvalSource]] = {}
+    for ev in evals:
+        st = ev.results.get("exposure_settings")
+        if isinstance(st, dict) and isinstance(ev.results.get("exposure_by_protocol"), dict):
+            key = json.dumps({k: st.get(k) for k in ("test_set", "prompts", "samples", "max_new_tokens", "protocols")}, sort_keys=True)
+            groups.setdefault(key, []).append(ev)
+    for g, group in enumerate(g for g in groups.values() if len(g) > 1):
+        quiet: list[str] = []  # each evaluation's own section already warned
+        tables = [_exposure_protocols(ev, quiet) for ev in group]
+        names = ", ".join(ev.name for ev in group)
+        for protocol in dict.fromkeys(p for t in tables for p in t):
+            per_model: dict[str, list[dict[str, Any]]] = {}
+            for t in tables:
+                for m, c in t.get(protocol, {}).items():
+                    per_model.setdefault(m, []).append(c)
+            file = f"exposure_{protocol}_over_{g:02d}.png"
+            plot_exposure_protocol(per_model, protocol, out / file)
+            rows = []
+            for m, cs in per_model.items():
+                xs, err, err_sd = _curve_band(cs, "ex_acc_err")
+                _, R, R_sd = _curve_band(cs, "R")
+                _, eps, eps_sd = _curve_band(cs, "eps")
+                cell = lambda a, sd, spec: f"{_num(a[-1], spec)} ± {_num(sd[-1], spec)}" if len(a) else "n/a"  # noqa: E731
+                rows.append([m, str(len(cs)), str(len(xs)), cell(err, err_sd, ".2f"), cell(R, R_sd, ".4f"), cell(eps, eps_sd, ".4f")])
+            _figure_section(doc, f"Exposure bias over {len(group)} evaluations, {protocol}", file,
+                            f"mean ± std over the evaluations ({names}); " + PROTOCOL_CAPTIONS.get(protocol, protocol),
+                            ["model", "evaluations", "l", "ExAccErr(l) %", "R(l)", "eps(l)"], rows)
 
 
 def _calibration(ev: EvalSource, warnings: list[str]) -> dict[str, dict[str, Any]]:
@@ -950,7 +1074,20 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
                 doc.image(file, f"training curves of {run.name} (x: optimizer step)")
 
     for i, ev in enumerate(src.evals):
-        curves = _exposure(ev, src.warnings)
+        by_protocol = _exposure_protocols(ev, src.warnings)
+        for protocol, per_model in by_protocol.items():
+            file = f"exposure_{protocol}_{i:02d}_{_slug(ev.name)}.png"
+            plot_exposure_protocol({m: [c] for m, c in per_model.items()}, protocol, out / file)
+            _figure_section(
+                doc, f"Exposure bias, {protocol} ({ev.name})", file, PROTOCOL_CAPTIONS.get(protocol, protocol),
+                ["model", "l", "ExAccErr(l) %", "R(l)", "eps(l)", *_protocol_extra_header(protocol)],
+                [[m, str(len(c["lengths"])), _num(_last(c["ex_acc_err"]), ".2f"), _num(_last(c.get("R")), ".4f"),
+                  _num(_last(c.get("eps")), ".4f"), *_protocol_extra(protocol, c)] for m, c in per_model.items()])
+        if by_protocol:
+            settings = ev.results.get("exposure_settings")
+            if isinstance(settings, dict):
+                doc.para("settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()), "note")
+        curves = _exposure(ev, src.warnings) if not by_protocol else {}
         if curves:
             file = f"exposure_bias_{i:02d}_{_slug(ev.name)}.png"
             plot_exposure_bias(curves, out / file)
@@ -973,6 +1110,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
                 ["model", "ECE", "accuracy", "mean confidence", "n"],
                 [[m, f"{c['ece']:.4f}", _num(c.get("accuracy"), ".4f"), _num(c.get("mean_confidence"), ".4f"),
                   str(int(sum(b["count"] for b in c["bins"])))] for m, c in cal.items()])
+
+    _exposure_over_evals(doc, src.evals, out)
 
     if src.toys:
         doc.heading("Forward vs reverse KL (toy)")

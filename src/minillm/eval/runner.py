@@ -31,9 +31,13 @@ Files under ``eval.out`` (default ``output_dir/eval``):
     the sets with multi-answer prompts (means over those prompts; ``valid`` in %);
   - ``judge`` (when ``eval.judge`` is set): {model: {set: {"<seed>": {"score", "mode", "rated",
     "failures", "skipped", "model_total", "reference_total"}}}};
-  - ``exposure_bias`` (when ``eval.exposure_bias``): {model: {"lengths": [1..L], "ex_acc_err": [...],
-    "R": [...], "eps": [...], "n_samples"}} and ``exposure_settings``: {"teacher", "test_set",
-    "prompts", "samples", "max_new_tokens", "stop_at_eos", "seed"};
+  - ``exposure_by_protocol`` (when ``eval.exposure_bias``): {protocol: {model: {"lengths": [1..L],
+    "ex_acc_err": [...], "R": [...], "eps": [...], "n_samples", "protocol", ...}}} for every protocol of
+    ``eval.exposure_protocols`` (``length_fair`` adds "kl_student", "kl_teacher", "at_risk_student",
+    "at_risk_teacher"; ``fixed_length`` adds "ended_early_student", "ended_early_teacher"; see
+    :mod:`minillm.eval.exposure`); ``exposure_bias``: the first protocol's {model: curve}; and
+    ``exposure_settings``: {"teacher", "test_set", "prompts", "samples", "max_new_tokens",
+    "protocols", "min_at_risk", "seed"};
   - ``calibration`` (when ``eval.calibration`` is set): {model: {"ece", "accuracy",
     "mean_confidence", "n", "bins": [{"lo", "hi", "count", "accuracy", "confidence"}]}}, ECE as
     a fraction in [0, 1];
@@ -66,7 +70,7 @@ from minillm.data.instruct import Encoded, encode_examples
 from minillm.decoding import generate, stop_token_ids
 from minillm.errors import UserError
 from minillm.eval.calibration import calibration_report, choice_probabilities, load_choice_records
-from minillm.eval.exposure import draw_samples, exposure_bias
+from minillm.eval.exposure import exposure_curves
 from minillm.eval.judge import Judge, judge_score, make_judge
 from minillm.eval.metrics import distinct_n, exact_match, mean_words, rouge_l, self_bleu, valid_answers
 from minillm.eval.testsets import TestSet, load_test_set
@@ -176,13 +180,17 @@ def _extra_tables(results: dict[str, Any]) -> str:
                             f"{int(v['prompts'])} | {v['samples']:g} |")
         parts.append("Semantic diversity (prompts with several valid answers; per prompt over the sampling seeds):\n\n"
                      + "\n".join(rows))
-    if results.get("exposure_bias"):
-        rows = ["| model | ExAccErr(l_max) % | R(l_max) | eps(l_max) | l_max |", "|---|---:|---:|---:|---:|"]
-        for model, c in results["exposure_bias"].items():
+    by_protocol = results.get("exposure_by_protocol") or ({"fixed_length": results["exposure_bias"]} if results.get("exposure_bias") else {})
+    for protocol, curves in by_protocol.items():
+        rows = ["| model | ExAccErr(l_max) % | R(l_max) | eps(l_max) | l_max | draws |", "|---|---:|---:|---:|---:|---:|"]
+        for model, c in curves.items():
+            if not c["lengths"]:
+                rows.append(f"| {model} | n/a | n/a | n/a | 0 | {c['n_samples']} |")
+                continue
             err = c["ex_acc_err"][-1]
             rows.append(f"| {model} | {'n/a' if err is None or not math.isfinite(err) else f'{err:.2f}'} | "
-                        f"{c['R'][-1]:.4f} | {c['eps'][-1]:.4f} | {c['lengths'][-1]} |")
-        parts.append("Exposure bias (excess accumulated error against the teacher):\n\n" + "\n".join(rows))
+                        f"{c['R'][-1]:.4f} | {c['eps'][-1]:.4f} | {c['lengths'][-1]} | {c['n_samples']} |")
+        parts.append(f"Exposure bias, {protocol} (excess accumulated error against the teacher):\n\n" + "\n".join(rows))
     if results.get("calibration"):
         rows = ["| model | ECE | accuracy | mean confidence | n |", "|---|---:|---:|---:|---:|"]
         for model, c in results["calibration"].items():
@@ -263,7 +271,7 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
     if e.exposure_bias:
         teacher_tok = load_tokenizer(cfg.teacher, "teacher")
         teacher = load_model(cfg.teacher, "teacher", device, "teacher")
-        results["exposure_bias"] = {}
+        results["exposure_by_protocol"] = {p: {} for p in e.exposure_protocols}
     if choice_records is not None:
         results["calibration"] = {}
 
@@ -326,8 +334,10 @@ def run_eval(cfg: Config, progress: Any = None) -> str:
 
         if teacher is not None:
             bar.describe(f"eval {name}: exposure bias")
-            curve, teacher_draws = _exposure(cfg, name, model, tok, teacher, teacher_tok, test_sets, teacher_draws, results)
-            results["exposure_bias"][name] = curve
+            curves, teacher_draws = _exposure(cfg, name, model, tok, teacher, teacher_tok, test_sets, teacher_draws, results)
+            for protocol, curve in curves.items():
+                results["exposure_by_protocol"][protocol][name] = curve
+            results["exposure_bias"] = results["exposure_by_protocol"][e.exposure_protocols[0]]
             bar.step(f"eval {name}: exposure bias")
         if choice_records is not None:
             bar.describe(f"eval {name}: calibration")
@@ -362,8 +372,8 @@ def _write_csv(path: Path, summary: dict[str, Any], sets: Sequence[str], metrics
 def _exposure(
     cfg: Config, name: str, model: Any, tok: Any, teacher: Any, teacher_tok: Any, test_sets: dict[str, TestSet],
     teacher_draws: Any, results: dict[str, Any],
-) -> tuple[dict[str, Any], Any]:
-    """ExAccErr of one model against the teacher on the exposure test set's first prompts."""
+) -> tuple[dict[str, dict[str, Any]], Any]:
+    """ExAccErr of one model against the teacher on the exposure test set's first prompts, per protocol."""
     e = cfg.eval
     try:
         vocab = check_same_vocabulary(tok, teacher_tok)
@@ -377,16 +387,18 @@ def _exposure(
     length = min(e.exposure_max_len or cfg.generation.max_new_tokens, cfg.data.max_len - max(len(p) for p in prompts))
     if length < 1:
         raise UserError(f"eval.exposure_max_len: no room to generate: data.max_len={cfg.data.max_len} is filled by the prompts")
-    stops: list[int] = []
-    if e.exposure_stop_at_eos:
-        stops = sorted(set(stop_token_ids(teacher_tok, teacher, vocab)) | set(stop_token_ids(tok, model, vocab)))
+    # draws to EOS stop at either model's stop tokens; fixed-length draws only count them
+    stops = sorted(set(stop_token_ids(teacher_tok, teacher, vocab)) | set(stop_token_ids(tok, model, vocab)))
+    if not stops and any(p != "fixed_length" for p in e.exposure_protocols):
+        raise UserError(f"eval.exposure_protocols: {name} and the teacher have no end-of-sequence token; use [fixed_length]")
     seed = e.seeds[0]
-    common = dict(samples=e.exposure_samples, seed=seed, max_new_tokens=length, pad_id=teacher_tok.pad_token_id,
-                  vocab_size=vocab, batch_size=e.batch_size, stop_ids=stops, engine=cfg.generation.engine)
-    if teacher_draws is None:  # the teacher's draws (eps) are the same for every model
-        teacher_draws = draw_samples(teacher, prompts, **common)  # type: ignore[arg-type]
-    curve = exposure_bias(model, teacher, prompts, teacher_samples=teacher_draws, **common)  # type: ignore[arg-type]
+    curves, teacher_draws = exposure_curves(
+        model, teacher, prompts, protocols=e.exposure_protocols, samples=e.exposure_samples, seed=seed,
+        max_new_tokens=length, pad_id=teacher_tok.pad_token_id, vocab_size=vocab, batch_size=e.batch_size,
+        stop_ids=stops, teacher_samples=teacher_draws, engine=cfg.generation.engine, min_at_risk=e.exposure_min_at_risk,
+    )
     results["exposure_settings"] = {"teacher": cfg.teacher.path, "test_set": set_name, "prompts": len(prompts),
                                     "samples": e.exposure_samples, "max_new_tokens": length,
-                                    "stop_at_eos": e.exposure_stop_at_eos, "seed": seed}
-    return curve.to_dict(), teacher_draws
+                                    "protocols": list(e.exposure_protocols), "min_at_risk": e.exposure_min_at_risk,
+                                    "seed": seed}
+    return {p: c.to_dict() for p, c in curves.items()}, teacher_draws
