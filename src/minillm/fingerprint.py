@@ -111,13 +111,15 @@ def run_fingerprint(cfg: Config) -> dict[str, Any]:
 
 
 # keys added after run folders carried only config.hash: such a folder was written without them
-_NEW_SINCE_LEGACY = {"train": ("max_bad_steps", "loss_jump", "length_collapse", "distinct_collapse")}
+_NEW_SINCE_LEGACY = {"train": ("max_bad_steps", "loss_jump", "length_collapse", "distinct_collapse"),
+                     "eval": ("exposure_protocols", "exposure_min_at_risk")}
 
 
 def legacy_hash(cfg: Config) -> str:
     """The ``config.hash`` of a run folder written before the fingerprint (paths as spelled), as
     that code computed it: keys it did not have yet are left out."""
     d = _neutral(cfg)
+    d["eval"]["exposure_stop_at_eos"] = cfg.eval.exposure_protocols[0] == "to_eos"  # the key the protocols replaced
     for section, keys in _NEW_SINCE_LEGACY.items():
         for k in keys:
             d[section].pop(k, None)
