@@ -54,7 +54,7 @@ class DemoSize:
     max_len: int = 160  # the longest prompt (47 tokens) + max_new_tokens
 
 
-# quick and default are sized for 2 CPU cores (about 35 s, and 3 x 80 s); large is for a GPU
+# quick and default are sized for 2 CPU cores (about 4 min, and 3 x 7.5 min: 1375 s on 2026-12-01); large is for a GPU
 QUICK = DemoSize(1000, 100, 100, (2, 64), (1, 48), 300, 150, 48, 64, (10, 20), 100, 32, 1)
 FULL = DemoSize(3000, 200, 300, (3, 96), (1, 48), 800, 300, 192, 64, (10, 20, 30, 40, 50), 300, 64, 3)
 LARGE = DemoSize(5000, 200, 300, (4, 192), (2, 64), 2000, 800, 300, 128, (10, 20, 30, 40, 50), 300, 90, 3,
