@@ -6,6 +6,8 @@ import contextlib
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +108,16 @@ def reply_json(handler: http.server.BaseHTTPRequestHandler, status: int, payload
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+def train_cli(path: Path, *over: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m minillm train PATH OVERRIDES`` in a real process, one thread, with the fault
+    hook ``MINILLM_FAULT_INJECT`` set to ``fault`` (or cleared)."""
+    from minillm.atomic import FAULT_ENV
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    return subprocess.run([sys.executable, "-m", "minillm", "train", str(path), *over], capture_output=True, text=True,
+                          env=env, timeout=300)

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from conftest import tiny_config_dict
+from conftest import tiny_config_dict, train_cli
 from minillm.atomic import FAULT_ENV, replace_folder_atomic, write_text_atomic
 from minillm.config import config_from_dict
 from minillm.errors import UserError
@@ -35,13 +33,7 @@ def _steps(out: Path) -> list[int]:
     return [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
-def _cli(path: Path, *over: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    env.pop(FAULT_ENV, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, "-m", "minillm", "train", str(path), *over], capture_output=True, text=True,
-                          env=env, timeout=300)
+_cli = train_cli
 
 
 # --- atomic writes -------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,7 @@ import pytest
 import yaml
 
 import minillm.checkpoint as checkpoint_mod
-from conftest import tiny_config_dict
-from minillm.atomic import FAULT_ENV
+from conftest import tiny_config_dict, train_cli
 from minillm.config import config_from_dict
 from minillm.errors import UserError
 from minillm.trainer import train
@@ -27,13 +25,7 @@ def _dict(task: dict[str, Path], out: Path, steps: int = 4) -> dict[str, Any]:
     return tiny_config_dict(task, out, "sft", train={"max_steps": steps, "save_every": 2, "eval_every": 100})
 
 
-def _cli(path: Path, *over: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    env.pop(FAULT_ENV, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, "-m", "minillm", "train", str(path), *over], capture_output=True, text=True,
-                          env=env, timeout=300)
+_cli = train_cli
 
 
 def _one_error_line(r: subprocess.CompletedProcess[str]) -> str:
