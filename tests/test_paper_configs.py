@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from minillm.config import Config, load_config
+from minillm.config import Config, flat_keys, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -51,16 +51,6 @@ def redeclared_defaults(path: Path) -> list[str]:
 
     walk(raw, resolved, defaults, "")
     return found
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_the_recipe_set_is_complete() -> None:
@@ -157,5 +147,5 @@ def test_default_recipes_equal_the_gpt2_base_paper_recipes(method: str) -> None:
     paper = dataclasses.asdict(load_config(CONFIGS / f"paper/gpt2/{method}-base.yaml"))
     assert top.pop("output_dir") == f"runs/gpt2-{method}"
     paper.pop("output_dir")
-    diff = {k for k, v in _flat(top).items() if _flat(paper).get(k, _MISSING) != v}
+    diff = {k for k, v in flat_keys(top).items() if flat_keys(paper).get(k, _MISSING) != v}
     assert diff == set()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.atomic import write_text_atomic
-from minillm.config import Config
+from minillm.config import Config, flat_keys
 
 log = logging.getLogger("minillm")
 
@@ -126,18 +126,9 @@ def legacy_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict) or not d:
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old -> new`` for every dotted key whose value differs (a key only one side has too)."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat_keys(old), flat_keys(new)
     missing = object()
     return [f"{k}: {_short(a.get(k, missing))} -> {_short(b.get(k, missing))}"
             for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]

@@ -61,7 +61,15 @@ from typing import Any
 
 import yaml
 
-from minillm.config import Config, config_from_dict, config_hash, parse_override, read_yaml, set_key
+from minillm.config import (
+    Config,
+    config_from_dict,
+    config_hash,
+    flat_keys,
+    parse_override,
+    read_yaml,
+    set_key,
+)
 from minillm.errors import UserError
 
 log = logging.getLogger("minillm")
@@ -505,16 +513,6 @@ def _result_hash(cfg: Config) -> str:
     return config_hash(c)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_state(run: Run) -> str:
     """``finished``, ``partial`` (checkpoints of this config: training resumes) or ``new``; a folder
     holding another config is refused with the keys that differ."""
@@ -529,7 +527,7 @@ def run_state(run: Run) -> str:
         return "finished" if (run.dir / "summary.json").exists() else "partial"
     if old is None or not (run.dir / "checkpoints").is_dir():
         return "new"
-    a, b = _flat(old.to_dict()), _flat(run.cfg.to_dict())
+    a, b = flat_keys(old.to_dict()), flat_keys(run.cfg.to_dict())
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in PRESENTATION]
     run_length = {"train.max_steps", "train.epochs", "train.eval_every", "train.save_every", "train.keep_last"}
     if set(changed) <= run_length:
